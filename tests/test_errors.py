@@ -1,0 +1,108 @@
+"""Bad input gets a clear error that names the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_inputs
+from torch import nn
+
+from tunecomp_kernels import MaskedLowRankLinear, masked_lowrank_linear
+
+
+def call(**overrides):
+    inputs = make_inputs((3,), 8, 6, 4, torch.float32, teacher=True)
+    inputs.update(overrides)
+    kwargs = {k: inputs.pop(k) for k in ("teacher_weight", "teacher_bias")}
+    kwargs.update({k: inputs.pop(k) for k in list(inputs)
+                   if k in ("teacher_scale", "student_scale", "backend")})
+    kwargs.setdefault("teacher_scale", 0.5)
+    return masked_lowrank_linear(inputs["x"], inputs["U"], inputs["mask"], inputs["V"],
+                                 inputs["bias"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"x": torch.randn(3, 9)}, r"x \[3, 9\] has 9 input features but V \[4, 8\]"),
+        ({"x": torch.tensor(1.0)}, r"x must have at least one dimension"),
+        ({"U": torch.randn(6, 5)}, r"rank mismatch: U \[6, 5\] has r=5, V \[4, 8\] has r=4"),
+        ({"U": torch.randn(6)}, r"U must be 2-D \[out, r\], got shape \[6\]"),
+        ({"V": torch.randn(4, 8, 1)}, r"V must be 2-D"),
+        ({"mask": torch.ones(5)}, r"rank mismatch: .* mask \[5\] has r=5"),
+        ({"mask": torch.ones(4, 1)}, r"mask must be 1-D \[r\]"),
+        ({"bias": torch.randn(7)}, r"bias must be \[out\]=\[6\] .* got \[7\]"),
+        ({"teacher_weight": torch.randn(8, 6)}, r"teacher_weight must be \[out, in\]=\[6, 8\]"),
+        ({"teacher_bias": torch.randn(5)}, r"teacher_bias must be \[out\]=\[6\], got \[5\]"),
+        ({"teacher_weight": None}, r"teacher_bias was given without teacher_weight"),
+        ({"teacher_weight": None, "teacher_bias": None},
+         r"teacher_scale=0.5 but no teacher_weight"),
+        ({"U": torch.randn(6, 4, dtype=torch.float64)}, r"dtype mismatch: .*U=float64"),
+        ({"x": torch.ones(3, 8, dtype=torch.int64)}, r"x has dtype torch.int64"),
+        ({"device_mix": True}, r"device mismatch: .*U=meta"),
+        ({"teacher_scale": float("nan")}, r"teacher_scale must be finite, got nan"),
+        ({"student_scale": float("inf")}, r"student_scale must be finite"),
+        ({"backend": "nope"}, r"unknown backend 'nope'; choose 'auto' or one of \["),
+    ],
+)
+def test_op_errors_name_the_problem(overrides, message):
+    if overrides.pop("device_mix", False):
+        overrides["U"] = torch.randn(6, 4, device="meta")
+    with pytest.raises(ValueError, match=message):
+        call(**overrides)
+
+
+def test_non_tensor_input_is_a_type_error():
+    with pytest.raises(TypeError, match="U must be a torch.Tensor, got list"):
+        call(U=[[1.0]])
+
+
+def test_unavailable_backend_is_a_runtime_error():
+    from tunecomp_kernels.ops.backends import known_backends, unavailable_reason
+
+    missing = [n for n in known_backends() if unavailable_reason(n) is not None]
+    if not missing:
+        pytest.skip("every known backend can run on this machine")
+    with pytest.raises(RuntimeError, match=f"backend '{missing[0]}' is not available"):
+        call(backend=missing[0])
+
+
+@pytest.mark.parametrize(
+    "args, exc, message",
+    [
+        ((8, 6, 0), ValueError, "rank must be >= 1, got 0"),
+        ((8, 6, 7), ValueError, r"rank=7 exceeds min\(in_features, out_features\)=6"),
+        ((-8, 6, 2), ValueError, "in_features must be >= 1, got -8"),
+        ((8, 0, 2), ValueError, "out_features must be >= 1, got 0"),
+        ((8, 6, 2.5), TypeError, "rank must be an int, got float"),
+    ],
+)
+def test_module_argument_errors(args, exc, message):
+    with pytest.raises(exc, match=message):
+        MaskedLowRankLinear(*args)
+
+
+def test_from_linear_errors():
+    with pytest.raises(TypeError, match="expects an nn.Linear, got Conv2d"):
+        MaskedLowRankLinear.from_linear(nn.Conv2d(2, 2, 1))
+    with pytest.raises(ValueError, match="unknown init 'pca'"):
+        MaskedLowRankLinear.from_linear(nn.Linear(4, 4), init="pca")
+    with pytest.raises(ValueError, match="rank=9 exceeds"):
+        MaskedLowRankLinear.from_linear(nn.Linear(4, 8), rank=9)
+    with pytest.raises(ValueError, match="init='asvd' needs input_abs_mean"):
+        MaskedLowRankLinear.from_linear(nn.Linear(4, 4), init="asvd")
+    with pytest.raises(ValueError, match="init='svd_llm' needs gram"):
+        MaskedLowRankLinear.from_linear(nn.Linear(4, 4), init="svd_llm")
+
+
+def test_module_input_feature_mismatch():
+    with pytest.raises(ValueError, match=r"x \[2, 5\] has 5 input features but V \[3, 6\]"):
+        MaskedLowRankLinear(6, 4, 3)(torch.randn(2, 5))
+
+
+def test_set_teacher_shape_errors():
+    layer = MaskedLowRankLinear(6, 4, 3)
+    with pytest.raises(ValueError, match=r"teacher weight must be \[4, 6\], got \[6, 4\]"):
+        layer.set_teacher(torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"teacher bias must be \[4\], got \[3\]"):
+        layer.set_teacher(torch.randn(4, 6), torch.randn(3))

@@ -1,0 +1,22 @@
+"""tunecomp_kernels: fused masked low-rank kernels and joint fine-tuning + compression.
+
+Public API:
+    masked_lowrank_linear   the op, ``y = s((xVᵀ ⊙ mask)Uᵀ + b) + a(xW0ᵀ + b0)``
+    MaskedLowRankLinear     a drop-in for ``nn.Linear`` built on it
+    available_backends      backends that can run on this machine
+    build_info              what the native module was compiled with
+"""
+
+from ._native import build_info
+from .nn import MaskedLowRankLinear
+from .ops import available_backends, known_backends, masked_lowrank_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaskedLowRankLinear",
+    "available_backends",
+    "build_info",
+    "known_backends",
+    "masked_lowrank_linear",
+]

@@ -1,0 +1,12 @@
+"""Modules built on the op, and their initialisers."""
+
+from .init import INIT_METHODS, asvd_factors, svd_factors, svd_llm_factors
+from .masked_lowrank_linear import MaskedLowRankLinear
+
+__all__ = [
+    "INIT_METHODS",
+    "MaskedLowRankLinear",
+    "asvd_factors",
+    "svd_factors",
+    "svd_llm_factors",
+]

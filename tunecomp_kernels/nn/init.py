@@ -1,0 +1,54 @@
+"""Initialisers: factor a dense weight W [out, in] into U [out, r] · V [r, in].
+
+* ``svd``     — truncated SVD of W (best rank-r fit in Frobenius norm).
+* ``asvd``    — activation-aware: SVD of W·S with S = diag(mean|x|^alpha) from calibration
+               data, so that input channels that carry large activations are kept better.
+* ``svd_llm`` — whitened: SVD of W·L with L the Cholesky factor of the input Gram matrix
+               XᵀX, which makes the truncation minimise the *output* error ‖(W − UV)X‖.
+
+The singular values are split evenly (√σ into each factor) so U and V are on one scale.
+All factorisations run in float64; factors are returned in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INIT_METHODS = ("svd", "asvd", "svd_llm")
+
+
+def _split(P: torch.Tensor, S: torch.Tensor, Qh: torch.Tensor, rank: int):
+    root = S[:rank].sqrt()
+    return P[:, :rank] * root, root[:, None] * Qh[:rank]
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD: returns U [out, rank], V [rank, in] (float64) with U·V ≈ weight."""
+    P, S, Qh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    return _split(P, S, Qh, rank)
+
+
+def asvd_factors(
+    weight: torch.Tensor, rank: int, input_abs_mean: torch.Tensor, alpha: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation-aware SVD. ``input_abs_mean`` [in] is mean |x_j| over calibration tokens."""
+    scale = input_abs_mean.detach().to(torch.float64).clamp_min(1e-6).pow(alpha)
+    scale = scale / scale.mean()  # keep the factors' magnitude independent of the data scale
+    P, S, Qh = torch.linalg.svd(weight.detach().to(torch.float64) * scale, full_matrices=False)
+    U, V = _split(P, S, Qh, rank)
+    return U, V / scale
+
+
+def svd_llm_factors(
+    weight: torch.Tensor, rank: int, gram: torch.Tensor, damping: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whitened (SVD-LLM) factors. ``gram`` [in, in] is Σ xᵀx over calibration tokens."""
+    G = gram.detach().to(torch.float64)
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    G = G + damping * G.diagonal().mean().clamp_min(1e-12) * eye  # keep Cholesky well-posed
+    L = torch.linalg.cholesky(G)  # G = L Lᵀ
+    P, S, Qh = torch.linalg.svd(weight.detach().to(torch.float64) @ L, full_matrices=False)
+    U, V = _split(P, S, Qh, rank)
+    # V·L⁻¹ without forming the inverse: solve Lᵀ Zᵀ = Vᵀ.
+    V = torch.linalg.solve_triangular(L.t(), V.t(), upper=True).t()
+    return U, V

@@ -1,0 +1,239 @@
+"""``MaskedLowRankLinear``: a drop-in for ``nn.Linear`` whose weight is U·diag(mask)·V."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops.api import masked_lowrank_linear
+from .init import INIT_METHODS, asvd_factors, svd_factors, svd_llm_factors
+
+
+def _check_size(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class MaskedLowRankLinear(nn.Module):
+    """``y = s·((x Vᵀ ⊙ mask) Uᵀ + bias) + a·(x W0ᵀ + b0)``, a drop-in for ``nn.Linear``.
+
+    Parameters: ``U [out, rank]``, ``mask [rank]``, ``V [rank, in]``, ``bias [out]``.
+    An optional frozen teacher ``W0 [out, in]``/``b0 [out]`` (buffers, no gradient) is
+    blended in with ``teacher_scale`` (a) while ``student_scale`` (s) grows — the TuneComp
+    schedule sets both. With no teacher and ``s = 1`` it is exactly a low-rank linear layer.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        rank: number of rank-1 components, ``1 <= rank <= min(in, out)``.
+        bias: learn an additive bias.
+        backend: op backend, ``"auto"`` or a name from ``available_backends()``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        in_features = _check_size("in_features", in_features)
+        out_features = _check_size("out_features", out_features)
+        rank = _check_size("rank", rank)
+        if rank > min(in_features, out_features):
+            raise ValueError(
+                f"rank={rank} exceeds min(in_features, out_features)="
+                f"{min(in_features, out_features)}; a larger rank cannot add expressiveness"
+            )
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        self.U = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.mask = nn.Parameter(torch.ones(rank, **factory))
+        self.V = nn.Parameter(torch.empty(rank, in_features, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("teacher_weight", None)
+        self.register_buffer("teacher_bias", None)
+        self.teacher_scale = 0.0
+        self.student_scale = 1.0
+        self.reset_parameters()
+
+    # --- nn.Linear compatibility -------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        """Random init with nn.Linear's output variance: Var(UV)_ij = 1 / (3·in)."""
+        bound_v = 1.0 / math.sqrt(self.in_features)
+        bound_u = math.sqrt(3.0 / self.rank)
+        with torch.no_grad():
+            nn.init.uniform_(self.V, -bound_v, bound_v)
+            nn.init.uniform_(self.U, -bound_u, bound_u)
+            self.mask.fill_(1.0)
+            if self.bias is not None:
+                nn.init.uniform_(self.bias, -bound_v, bound_v)
+
+    @property
+    def rank(self) -> int:
+        """Number of stored rank-1 components (including pruned ones until ``compact()``)."""
+        return self.mask.shape[0]
+
+    @property
+    def active_rank(self) -> int:
+        """Components whose mask is non-zero."""
+        return int(torch.count_nonzero(self.mask.detach()))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only dense view ``U diag(mask) V`` [out, in] of the student, for code that reads
+        ``.weight``. It is a fresh tensor: writing to it changes nothing."""
+        return (self.U * self.mask) @ self.V
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "weight":
+            raise AttributeError(
+                "MaskedLowRankLinear.weight is read-only (it is U·diag(mask)·V); "
+                "set U, mask and V instead"
+            )
+        super().__setattr__(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out]."""
+        return masked_lowrank_linear(
+            x, self.U, self.mask, self.V, self.bias,
+            teacher_weight=self.teacher_weight,
+            teacher_bias=self.teacher_bias,
+            teacher_scale=self.teacher_scale if self.teacher_weight is not None else 0.0,
+            student_scale=self.student_scale,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"rank={self.rank}",
+        ]
+        active = self.active_rank
+        if active != self.rank:
+            parts.append(f"active_rank={active}")
+        parts.append(f"bias={self.bias is not None}")
+        if self.teacher_weight is not None:
+            parts.append(f"teacher_scale={self.teacher_scale:.4g}")
+        if self.student_scale != 1.0:
+            parts.append(f"student_scale={self.student_scale:.4g}")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)
+
+    # --- teacher -------------------------------------------------------------------------
+
+    def set_teacher(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Attach a frozen dense teacher ``W0 [out, in]`` (and ``b0 [out]``) as buffers."""
+        expected = (self.out_features, self.in_features)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"teacher weight must be {list(expected)}, got {list(weight.shape)}")
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(
+                f"teacher bias must be [{self.out_features}], got {list(bias.shape)}"
+            )
+        like = self.U
+        self.teacher_weight = weight.detach().to(device=like.device, dtype=like.dtype).clone()
+        self.teacher_bias = (
+            None if bias is None
+            else bias.detach().to(device=like.device, dtype=like.dtype).clone()
+        )
+
+    def drop_teacher(self) -> None:
+        """Free the teacher's memory; the layer becomes the student alone."""
+        self.teacher_weight = None
+        self.teacher_bias = None
+        self.teacher_scale = 0.0
+
+    # --- conversion ----------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int | None = None,
+        init: str = "svd",
+        *,
+        input_abs_mean: torch.Tensor | None = None,
+        gram: torch.Tensor | None = None,
+        asvd_alpha: float = 0.5,
+        backend: str = "auto",
+    ) -> MaskedLowRankLinear:
+        """Factor ``linear``'s weight by truncated SVD (or ASVD / SVD-LLM, which need
+        calibration statistics: ``input_abs_mean [in]`` or ``gram [in, in]``).
+
+        ``rank=None`` keeps full rank ``min(in, out)``, which reproduces the Linear's output
+        to rounding. The result has ``linear``'s device and dtype and a copy of its bias.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if init not in INIT_METHODS:
+            raise ValueError(f"unknown init {init!r}; choose one of {list(INIT_METHODS)}")
+        out_f, in_f = linear.weight.shape
+        rank = min(in_f, out_f) if rank is None else rank
+        layer = cls(in_f, out_f, rank, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype, backend=backend)
+        if init == "svd":
+            U, V = svd_factors(linear.weight, rank)
+        elif init == "asvd":
+            if input_abs_mean is None:
+                raise ValueError("init='asvd' needs input_abs_mean [in] from calibration data")
+            U, V = asvd_factors(linear.weight, rank, input_abs_mean, asvd_alpha)
+        else:
+            if gram is None:
+                raise ValueError("init='svd_llm' needs gram [in, in] from calibration data")
+            U, V = svd_llm_factors(linear.weight, rank, gram)
+        with torch.no_grad():
+            layer.U.copy_(U)
+            layer.V.copy_(V)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def compact(self) -> MaskedLowRankLinear:
+        """Drop the ranks whose mask is exactly 0, in place; returns ``self``.
+
+        The output is unchanged (those ranks contribute exactly 0). The U, mask and V
+        parameters are replaced, so build the optimiser after compacting.
+        """
+        keep = (self.mask != 0).nonzero().flatten()
+        if keep.numel() == self.rank:
+            return self
+        self.U = nn.Parameter(self.U.index_select(1, keep), self.U.requires_grad)
+        self.mask = nn.Parameter(self.mask.index_select(0, keep), self.mask.requires_grad)
+        self.V = nn.Parameter(self.V.index_select(0, keep), self.V.requires_grad)
+        return self
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function (teacher blend included)."""
+        weight = self.student_scale * self.weight
+        bias = None if self.bias is None else self.student_scale * self.bias
+        if self.teacher_weight is not None and self.teacher_scale != 0.0:
+            weight = weight + self.teacher_scale * self.teacher_weight
+            if self.teacher_bias is not None:
+                teacher_b = self.teacher_scale * self.teacher_bias
+                bias = teacher_b if bias is None else bias + teacher_b
+        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+        return linear

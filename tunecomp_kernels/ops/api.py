@@ -1,0 +1,47 @@
+"""The public op: ``masked_lowrank_linear``."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import resolve_backend
+from .validation import check_inputs
+
+
+def masked_lowrank_linear(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    mask: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    teacher_weight: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_scale: float = 0.0,
+    student_scale: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Masked low-rank linear map with an optional frozen-teacher blend.
+
+    ``y = student_scale * ((x Vᵀ ⊙ mask) Uᵀ + bias) + teacher_scale * (x W0ᵀ + b0)``
+
+    Args:
+        x: ``[..., in]`` input, any number of leading dims.
+        U: ``[out, r]``; mask: ``[r]``; V: ``[r, in]``; bias: ``[out]`` or None.
+        teacher_weight: frozen dense ``W0 [out, in]`` (no gradient), or None.
+        teacher_bias: frozen ``b0 [out]``, or None.
+        teacher_scale, student_scale: the blend coefficients ``a`` and ``s``.
+        backend: ``"auto"`` or a name from :func:`tunecomp_kernels.available_backends`.
+
+    Returns:
+        ``[..., out]`` in ``x``'s dtype; accumulation is fp32 for fp16/bf16 inputs.
+        Gradients flow to x, U, mask, V and bias.
+    """
+    check_inputs(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale, student_scale)
+    teacher_scale, student_scale = float(teacher_scale), float(student_scale)
+    if teacher_scale == 0.0:  # the teacher contributes nothing: don't read it
+        teacher_weight = teacher_bias = None
+    name = resolve_backend(backend, x.device.type)
+    op = getattr(torch.ops.tunecomp, f"masked_lowrank_{name}")
+    y, _t = op(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale, student_scale)
+    return y

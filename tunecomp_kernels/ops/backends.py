@@ -1,0 +1,100 @@
+"""Backend registry: which implementations exist, which can run here, and ``"auto"``.
+
+Each backend lives in its own module and registers its ops through
+:func:`tunecomp_kernels.ops.contract.register_backend_ops` when first loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .contract import BackendOps
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend: where its code lives, which devices it serves and when it can run."""
+
+    name: str
+    module: str  # module with a module-level ``OPS: BackendOps``
+    device_types: tuple[str, ...]  # empty: any device
+    priority: int  # higher wins under "auto"
+    unavailable_reason: Callable[[], str | None]  # None when it can run on this machine
+
+
+def _always() -> str | None:
+    return None
+
+
+_REGISTRY: dict[str, BackendSpec] = {}
+
+
+def register_backend(spec: BackendSpec) -> None:
+    """Add a backend to the registry (used by backend modules and tests)."""
+    _REGISTRY[spec.name] = spec
+
+
+register_backend(BackendSpec("torch", "tunecomp_kernels.ops.reference_op", (), 0, _always))
+
+
+def known_backends() -> list[str]:
+    """Every backend name the library knows, runnable here or not."""
+    return list(_REGISTRY)
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine, or None if it can."""
+    return _REGISTRY[name].unavailable_reason()
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine, best first; ``"torch"`` is always in."""
+    names = [n for n, spec in _REGISTRY.items() if spec.unavailable_reason() is None]
+    return sorted(names, key=lambda n: -_REGISTRY[n].priority)
+
+
+def load_backend(name: str) -> BackendOps:
+    """Import backend ``name`` (registering its ops) and return its ops."""
+    return importlib.import_module(_REGISTRY[name].module).OPS
+
+
+def _serves(spec: BackendSpec, device_type: str) -> bool:
+    return not spec.device_types or device_type in spec.device_types
+
+
+def backend_serves(name: str, device_type: str) -> bool:
+    """Whether backend ``name`` accepts tensors on ``device_type`` ("cpu", "cuda", ...)."""
+    return _serves(_REGISTRY[name], device_type)
+
+
+@torch.compiler.assume_constant_result
+def resolve_backend(requested: str, device_type: str) -> str:
+    """Map a requested backend name (or ``"auto"``) to a runnable backend for ``device_type``.
+
+    Raises ValueError for an unknown name and RuntimeError for one that cannot run here.
+    """
+    if requested == "auto":
+        for name in available_backends():
+            if _serves(_REGISTRY[name], device_type):
+                load_backend(name)
+                return name
+        return "torch"
+    if requested not in _REGISTRY:
+        raise ValueError(
+            f"unknown backend {requested!r}; choose 'auto' or one of {known_backends()}"
+        )
+    spec = _REGISTRY[requested]
+    reason = spec.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"backend {requested!r} is not available on this machine: {reason}")
+    if not _serves(spec, device_type):
+        raise RuntimeError(
+            f"backend {requested!r} runs on {list(spec.device_types)} tensors, "
+            f"not on {device_type!r}"
+        )
+    load_backend(requested)
+    return requested

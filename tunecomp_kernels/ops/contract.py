@@ -1,0 +1,118 @@
+"""The op's contract, declared once: schema, fake (meta) implementation, autograd.
+
+Every backend registers the same pair of ``torch.library`` ops under its own
+name, ``tunecomp::masked_lowrank_<backend>`` and ``..._<backend>_backward``:
+
+    forward(x[..., in], U[out, r], mask[r], V[r, in], bias[out]?,
+            teacher_weight[out, in]?, teacher_bias[out]?, teacher_scale, student_scale)
+        -> (y[..., out], t[N, r])
+    backward(grad_y[..., out], x, U, mask, V, t, teacher_weight?, teacher_scale,
+             student_scale, needs_grad[5])
+        -> (dx, dU, dmask, dV, dbias)   # a 0-element tensor where not needed
+
+``t = x·Vᵀ`` is returned so backward does not recompute it; it is marked
+non-differentiable and never leaves :func:`tunecomp_kernels.masked_lowrank_linear`.
+The public function calls exactly one of these ops, so an uncompiled call
+crosses one op boundary and ``torch.compile`` sees one node per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+NAMESPACE = "tunecomp"
+
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor U, Tensor mask, Tensor V, Tensor? bias, Tensor? teacher_weight, "
+    "Tensor? teacher_bias, float teacher_scale, float student_scale) -> (Tensor, Tensor)"
+)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_y, Tensor x, Tensor U, Tensor mask, Tensor V, Tensor t, "
+    "Tensor? teacher_weight, float teacher_scale, float student_scale, bool[] needs_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+ForwardImpl = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+BackwardImpl = Callable[..., tuple[torch.Tensor, ...]]
+
+
+def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved ``t``: fp32 for half inputs (fp32 accumulation), else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _fake_forward(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale, student_scale):
+    n = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    y = x.new_empty((*x.shape[:-1], U.shape[0]))
+    t = x.new_empty((n, V.shape[0]), dtype=intermediate_dtype(x.dtype))
+    return y, t
+
+
+def _fake_backward(grad_y, x, U, mask, V, t, teacher_weight, teacher_scale, student_scale,
+                   needs_grad):
+    def like(ref: torch.Tensor, needed: bool) -> torch.Tensor:
+        return torch.empty_like(ref) if needed else ref.new_empty((0,))
+
+    dbias = grad_y.new_empty((U.shape[0],)) if needs_grad[4] else grad_y.new_empty((0,))
+    return (like(x, needs_grad[0]), like(U, needs_grad[1]), like(mask, needs_grad[2]),
+            like(V, needs_grad[3]), dbias)
+
+
+@dataclass(frozen=True)
+class BackendOps:
+    """The registered forward/backward ops of one backend."""
+
+    name: str
+    forward: torch._ops.OpOverloadPacket
+    backward: torch._ops.OpOverloadPacket
+
+
+def register_backend_ops(
+    name: str,
+    forward_impl: ForwardImpl,
+    backward_impl: BackwardImpl,
+    *,
+    make_op: Callable[..., object] = torch.library.custom_op,
+) -> BackendOps:
+    """Register a backend's forward/backward implementations as ``torch.library`` ops.
+
+    ``make_op`` is ``torch.library.custom_op`` for opaque kernels, or
+    ``torch.library.triton_op`` so that ``torch.compile`` can trace into Triton kernels.
+    """
+    fwd_name = f"{NAMESPACE}::masked_lowrank_{name}"
+    bwd_name = f"{fwd_name}_backward"
+    fwd = make_op(fwd_name, forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
+    bwd = make_op(bwd_name, backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
+    # triton_op derives its own fake implementation by tracing; custom_op needs one.
+    if make_op is torch.library.custom_op:
+        fwd.register_fake(_fake_forward)
+        bwd.register_fake(_fake_backward)
+    bwd_packet = getattr(torch.ops.tunecomp, bwd_name.split("::")[1])
+
+    def setup_context(ctx, inputs, output):
+        x, U, mask, V, bias, teacher_weight, _tb, teacher_scale, student_scale = inputs
+        _, t = output
+        ctx.mark_non_differentiable(t)
+        # The frozen teacher is only needed for dx, and only while it is blended in.
+        keep_teacher = teacher_weight is not None and teacher_scale != 0.0
+        ctx.save_for_backward(x, U, mask, V, t, teacher_weight if keep_teacher else None)
+        ctx.scales = (teacher_scale, student_scale)
+        ctx.has_bias = bias is not None
+
+    def backward(ctx, grad_y, _grad_t):
+        x, U, mask, V, t, teacher_weight = ctx.saved_tensors
+        teacher_scale, student_scale = ctx.scales
+        needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+        needs[4] = needs[4] and ctx.has_bias
+        if not any(needs):
+            return (None,) * 9
+        grads = bwd_packet(grad_y.contiguous(), x, U, mask, V, t, teacher_weight,
+                           teacher_scale, student_scale, needs)
+        out = tuple(g if need else None for g, need in zip(grads, needs))
+        return (*out, None, None, None, None)
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    return BackendOps(name, getattr(torch.ops.tunecomp, fwd_name.split("::")[1]), bwd_packet)

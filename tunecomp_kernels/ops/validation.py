@@ -1,0 +1,86 @@
+"""Input checks for the op: every mismatch is a ValueError that names the tensors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_inputs(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    mask: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    teacher_bias: torch.Tensor | None,
+    teacher_scale: float,
+    student_scale: float,
+) -> None:
+    """Raise ``ValueError`` unless the op's inputs agree (DESIGN §2 shapes); never broadcast."""
+    named = {"x": x, "U": U, "mask": mask, "V": V, "bias": bias,
+             "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
+    for name, tensor in named.items():
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    present = {k: v for k, v in named.items() if v is not None}
+
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension [..., in], got shape {_shape(x)}")
+    if U.dim() != 2:
+        raise ValueError(f"U must be 2-D [out, r], got shape {_shape(U)}")
+    if V.dim() != 2:
+        raise ValueError(f"V must be 2-D [r, in], got shape {_shape(V)}")
+    if mask.dim() != 1:
+        raise ValueError(f"mask must be 1-D [r], got shape {_shape(mask)}")
+    out_f, rank = U.shape
+    if V.shape[0] != rank or mask.shape[0] != rank:
+        raise ValueError(
+            f"rank mismatch: U {_shape(U)} has r={rank}, V {_shape(V)} has r={V.shape[0]}, "
+            f"mask {_shape(mask)} has r={mask.shape[0]}"
+        )
+    in_f = V.shape[1]
+    if x.shape[-1] != in_f:
+        raise ValueError(
+            f"x {_shape(x)} has {x.shape[-1]} input features but V {_shape(V)} expects {in_f}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_f):
+        raise ValueError(f"bias must be [out]=[{out_f}] to match U {_shape(U)}, got {_shape(bias)}")
+    if teacher_weight is not None and tuple(teacher_weight.shape) != (out_f, in_f):
+        raise ValueError(
+            f"teacher_weight must be [out, in]=[{out_f}, {in_f}] to match U {_shape(U)} and "
+            f"V {_shape(V)}, got {_shape(teacher_weight)}"
+        )
+    if teacher_bias is not None:
+        if teacher_weight is None:
+            raise ValueError("teacher_bias was given without teacher_weight")
+        if teacher_bias.dim() != 1 or teacher_bias.shape[0] != out_f:
+            raise ValueError(
+                f"teacher_bias must be [out]=[{out_f}], got {_shape(teacher_bias)}"
+            )
+
+    dtypes = {name: t.dtype for name, t in present.items()}
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
+    if len(set(dtypes.values())) != 1:
+        listed = ", ".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in dtypes.items())
+        raise ValueError(f"dtype mismatch: all tensors must share one dtype, got {listed}")
+    devices = {name: t.device for name, t in present.items()}
+    if len(set(devices.values())) != 1:
+        listed = ", ".join(f"{k}={v}" for k, v in devices.items())
+        raise ValueError(f"device mismatch: all tensors must be on one device, got {listed}")
+
+    for name, value in (("teacher_scale", teacher_scale), ("student_scale", student_scale)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+    if teacher_scale != 0.0 and teacher_weight is None:
+        raise ValueError(f"teacher_scale={teacher_scale} but no teacher_weight was given")
