@@ -7,6 +7,8 @@ Each backend lives in its own module and registers its ops through
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,12 +23,48 @@ class BackendSpec:
 
     name: str
     module: str  # module with a module-level ``OPS: BackendOps``
-    device_types: tuple[str, ...]  # empty: any device
+    device_types: Callable[[], tuple[str, ...]]  # devices it runs on here; empty: any
+    auto_device_types: tuple[str, ...]  # devices where "auto" may choose it; empty: any
     priority: int  # higher wins under "auto"
     unavailable_reason: Callable[[], str | None]  # None when it can run on this machine
 
 
 def _always() -> str | None:
+    return None
+
+
+def _any_device() -> tuple[str, ...]:
+    return ()
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_devices() -> tuple[str, ...]:
+    # The interpreter runs kernels on CPU tensors (slowly): for tests, never for "auto".
+    return ("cuda", "cpu") if _triton_interpreted() else ("cuda",)
+
+
+def _triton_unavailable() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'tunecomp_kernels[triton]')"
+    if importlib.util.find_spec("tunecomp_kernels.ops.triton_backend") is None:
+        return "this build has no Triton backend module"
+    if not (torch.cuda.is_available() or _triton_interpreted()):
+        return "no CUDA GPU (set TRITON_INTERPRET=1 to run the kernels in the CPU interpreter)"
+    return None
+
+
+def _cuda_unavailable() -> str | None:
+    from .._native import cuda_kernels_compiled
+
+    if importlib.util.find_spec("tunecomp_kernels.ops.cuda_backend") is None:
+        return "this build has no CUDA backend module"
+    if not cuda_kernels_compiled():
+        return "tunecomp_kernels._C was built without CUDA kernels (no nvcc at build time)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
     return None
 
 
@@ -38,7 +76,14 @@ def register_backend(spec: BackendSpec) -> None:
     _REGISTRY[spec.name] = spec
 
 
-register_backend(BackendSpec("torch", "tunecomp_kernels.ops.reference_op", (), 0, _always))
+register_backend(BackendSpec(
+    "torch", "tunecomp_kernels.ops.reference_op", _any_device, (), 0, _always))
+register_backend(BackendSpec(
+    "triton", "tunecomp_kernels.ops.triton_backend", _triton_devices, ("cuda",), 10,
+    _triton_unavailable))
+register_backend(BackendSpec(
+    "cuda", "tunecomp_kernels.ops.cuda_backend", lambda: ("cuda",), ("cuda",), 20,
+    _cuda_unavailable))
 
 
 def known_backends() -> list[str]:
@@ -63,7 +108,13 @@ def load_backend(name: str) -> BackendOps:
 
 
 def _serves(spec: BackendSpec, device_type: str) -> bool:
-    return not spec.device_types or device_type in spec.device_types
+    devices = spec.device_types()
+    return not devices or device_type in devices
+
+
+def _auto_may_pick(spec: BackendSpec, device_type: str) -> bool:
+    devices = spec.auto_device_types
+    return _serves(spec, device_type) and (not devices or device_type in devices)
 
 
 def backend_serves(name: str, device_type: str) -> bool:
@@ -79,7 +130,7 @@ def resolve_backend(requested: str, device_type: str) -> str:
     """
     if requested == "auto":
         for name in available_backends():
-            if _serves(_REGISTRY[name], device_type):
+            if _auto_may_pick(_REGISTRY[name], device_type):
                 load_backend(name)
                 return name
         return "torch"
@@ -93,7 +144,7 @@ def resolve_backend(requested: str, device_type: str) -> str:
         raise RuntimeError(f"backend {requested!r} is not available on this machine: {reason}")
     if not _serves(spec, device_type):
         raise RuntimeError(
-            f"backend {requested!r} runs on {list(spec.device_types)} tensors, "
+            f"backend {requested!r} runs on {list(spec.device_types())} tensors, "
             f"not on {device_type!r}"
         )
     load_backend(requested)
