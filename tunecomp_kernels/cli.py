@@ -1,0 +1,132 @@
+"""The ``tunecomp`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                           Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help_text: str):
+    """Register ``add_args(parser)`` and ``run(args)`` for subcommand ``name``."""
+
+    def wrap(add_args):
+        def with_run(run):
+            _COMMANDS[name] = (help_text, add_args, run)
+            return run
+
+        return with_run
+
+    return wrap
+
+
+# --- tunecomp info ---------------------------------------------------------------------
+
+def _info_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+@command("info", "show the native build, the backends and why any is unavailable")(_info_args)
+def _info(args: argparse.Namespace) -> int:
+    from . import __version__, available_backends, build_info
+    from .ops.backends import known_backends, unavailable_reason
+
+    info = {
+        "version": __version__,
+        "torch": torch.__version__,
+        "available_backends": available_backends(),
+        "unavailable": {n: unavailable_reason(n) for n in known_backends()
+                        if unavailable_reason(n) is not None},
+        "build": build_info(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"tunecomp_kernels {info['version']} (torch {info['torch']})")
+        print(f"backends available: {', '.join(info['available_backends'])}")
+        for name, reason in info["unavailable"].items():
+            print(f"  {name}: unavailable - {reason}")
+        print("native build: " + ", ".join(f"{k}={v}" for k, v in info["build"].items()))
+    return 0
+
+
+# --- tunecomp demo ---------------------------------------------------------------------
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rank-ratio", type=float, default=0.5,
+                        help="rank of each converted layer as a fraction of min(in, out)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the model")
+    parser.add_argument("--layers", type=int, default=4, help="number of transformer blocks")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _tiny_bert(hidden: int, layers: int) -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    heads = max(1, hidden // 64)
+    config = BertConfig(vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden,
+                        max_position_embeddings=128)
+    return BertModel(config).eval()
+
+
+@command("demo", "convert a small BERT's block linears to MaskedLowRankLinear and compare")(
+    _demo_args)
+def _demo(args: argparse.Namespace) -> int:
+    from .nn import MaskedLowRankLinear
+
+    if not 0.0 < args.rank_ratio <= 1.0:
+        raise SystemExit(f"--rank-ratio must be in (0, 1], got {args.rank_ratio}")
+    torch.manual_seed(args.seed)
+    model = _tiny_bert(args.hidden, args.layers)
+    ids = torch.randint(0, 1000, (4, 64))
+    with torch.no_grad():
+        dense_out = model(ids).last_hidden_state
+
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and ".layer." in name]
+    before = sum(m.weight.numel() for _, m in targets)
+    after = 0
+    for name, linear in targets:
+        rank = max(1, round(args.rank_ratio * min(linear.in_features, linear.out_features)))
+        low = MaskedLowRankLinear.from_linear(linear, rank=rank)
+        after += low.U.numel() + low.V.numel()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, low)
+
+    with torch.no_grad():
+        low_out = model(ids).last_hidden_state
+    rel = ((low_out - dense_out).norm() / dense_out.norm()).item()
+    print(f"model: BERT from config, hidden={args.hidden}, layers={args.layers}")
+    print(f"converted {len(targets)} linear layers to rank {args.rank_ratio:.0%} of full")
+    print(f"linear weight parameters: {before:,} -> {after:,} ({after / before:.1%})")
+    print(f"relative output difference (random weights, SVD truncation): {rel:.4f}")
+    print(f"first converted layer: {targets[0][0]} -> {model.get_submodule(targets[0][0])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunecomp",
+        description="Fine-tune and compress models into masked low-rank layers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, _run) in _COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tunecomp`` command."""
+    args = build_parser().parse_args(argv)
+    return _COMMANDS[args.command][2](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
