@@ -83,13 +83,13 @@ void mask_grad_cpu(uint64_t t_ptr, uint64_t g_ptr, uint64_t out_ptr, int64_t n, 
 void mask_grad_cuda(uint64_t t_ptr, uint64_t g_ptr, uint64_t out_ptr, int64_t n, int64_t r,
                     int64_t t_s0, int64_t t_s1, int64_t g_s0, int64_t g_s1, int64_t dtype,
                     double scale, uint64_t stream) {
-#ifdef TUNECOMP_WITH_CUDA
+  // Validate first so bad arguments are a ValueError in every build.
   const auto a = tunecomp::make_mask_grad_args(t_ptr, g_ptr, out_ptr, n, r, t_s0, t_s1, g_s0,
                                                g_s1, dtype, scale);
+#ifdef TUNECOMP_WITH_CUDA
   tunecomp::mask_grad_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
 #else
-  (void)t_ptr, (void)g_ptr, (void)out_ptr, (void)n, (void)r, (void)t_s0, (void)t_s1;
-  (void)g_s0, (void)g_s1, (void)dtype, (void)scale, (void)stream;
+  (void)a, (void)stream;
   throw std::runtime_error("tunecomp_kernels._C was built without CUDA");
 #endif
 }
