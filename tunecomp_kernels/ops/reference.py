@@ -31,12 +31,12 @@ def forward(
     """y[..., out] and t = x·Vᵀ [N, r]; see :mod:`tunecomp_kernels.ops.contract`."""
     x2 = _acc(x.reshape(-1, x.shape[-1]))
     t = x2 @ _acc(V).t()
-    # Fold the student scale into the [r] mask so the epilogue is one addmm.
-    t_scaled = t * (_acc(mask) * student_scale)
+    # Scale U's columns (out×r) rather than t (N×r): same product, less memory traffic.
+    U_scaled = _acc(U) * (_acc(mask) * student_scale)
     if bias is not None:
-        y = torch.addmm(_acc(bias), t_scaled, _acc(U).t(), beta=student_scale)
+        y = torch.addmm(_acc(bias), t, U_scaled.t(), beta=student_scale)
     else:
-        y = t_scaled @ _acc(U).t()
+        y = t @ U_scaled.t()
     if teacher_weight is not None and teacher_scale != 0.0:
         y = torch.addmm(y, x2, _acc(teacher_weight).t(), alpha=teacher_scale)
         if teacher_bias is not None:
@@ -57,25 +57,32 @@ def backward(
     student_scale: float,
     needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dU, dmask, dV, dbias) from DESIGN §2; 0-element tensors where not needed."""
+    """(dx, dU, dmask, dV, dbias) from DESIGN §2; 0-element tensors where not needed.
+
+    The mask only scales rank columns, so it is applied to the small [out, r] and
+    [r, in] operands instead of the [N, r] intermediates:
+    ``dU = (dyᵀ t)·diag(s·mask)``, ``dmask = s·Σ_out U ⊙ (dyᵀ t)`` (= s·Σ_N t ⊙ g),
+    ``dV = diag(s·mask)·(gᵀ x)``, ``dx = g·diag(s·mask)·V + a·dy·W0`` with g = dy·U.
+    """
     need_x, need_U, need_mask, need_V, need_bias = needs_grad
     dy = _acc(grad_y.reshape(-1, U.shape[0]))
     mask_s = _acc(mask) * student_scale
     # Outputs of a custom op may not alias each other: one fresh empty per slot.
     dx, dU, dmask, dV, dbias = (grad_y.new_empty((0,)) for _ in range(5))
 
-    if need_U:
-        dU = (dy.t() @ (t * mask_s)).to(U.dtype)
-    if need_x or need_V or need_mask:
-        g = dy @ _acc(U)  # [N, r]: every remaining gradient goes through it
+    if need_U or need_mask:
+        dy_t = dy.t() @ t  # [out, r]
+        if need_U:
+            dU = (dy_t * mask_s).to(U.dtype)
         if need_mask:
-            dmask = (student_scale * (t * g).sum(0)).to(mask.dtype)
-        h = g * mask_s
+            dmask = (student_scale * (_acc(U) * dy_t).sum(0)).to(mask.dtype)
+    if need_x or need_V:
+        g = dy @ _acc(U)  # [N, r]
         if need_V:
             x2 = _acc(x.reshape(-1, x.shape[-1]))
-            dV = (h.t() @ x2).to(V.dtype)
+            dV = ((g.t() @ x2) * mask_s[:, None]).to(V.dtype)
         if need_x:
-            dx2 = h @ _acc(V)
+            dx2 = g @ (_acc(V) * mask_s[:, None])
             if teacher_weight is not None and teacher_scale != 0.0:
                 dx2 = torch.addmm(dx2, dy, _acc(teacher_weight), alpha=teacher_scale)
             dx = dx2.to(x.dtype).reshape(x.shape)
