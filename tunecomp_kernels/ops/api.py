@@ -38,7 +38,9 @@ def masked_lowrank_linear(
         Gradients flow to x, U, mask, V and bias.
     """
     check_inputs(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale, student_scale)
-    teacher_scale, student_scale = float(teacher_scale), float(student_scale)
+    # Keep floats as they are: torch.compile may pass SymFloats, and float() would pin them.
+    teacher_scale = float(teacher_scale) if isinstance(teacher_scale, int) else teacher_scale
+    student_scale = float(student_scale) if isinstance(student_scale, int) else student_scale
     if teacher_scale == 0.0:  # the teacher contributes nothing: don't read it
         teacher_weight = teacher_bias = None
     name = resolve_backend(backend, x.device.type)

@@ -78,6 +78,8 @@ def check_inputs(
         raise ValueError(f"device mismatch: all tensors must be on one device, got {listed}")
 
     for name, value in (("teacher_scale", teacher_scale), ("student_scale", student_scale)):
+        if torch.compiler.is_compiling():
+            break  # scales may be symbolic under torch.compile; eager calls check them
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         if not math.isfinite(value):
