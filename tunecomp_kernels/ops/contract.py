@@ -84,8 +84,21 @@ def register_backend_ops(
     """
     fwd_name = f"{NAMESPACE}::masked_lowrank_{name}"
     bwd_name = f"{fwd_name}_backward"
-    fwd = make_op(fwd_name, forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
-    bwd = make_op(bwd_name, backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
+    if make_op is torch.library.triton_op:
+        # triton_op infers its schema from the type hints (it ignores ``schema=``, and
+        # older torch lacks the argument): the hints must spell the contract exactly.
+        from torch._library.infer_schema import infer_schema
+
+        for impl, schema in ((forward_impl, FORWARD_SCHEMA), (backward_impl, BACKWARD_SCHEMA)):
+            inferred = infer_schema(impl, mutates_args=())
+            if inferred != schema:
+                raise TypeError(f"{impl.__qualname__}'s type hints give schema {inferred}, "
+                                f"the contract is {schema}")
+        fwd = make_op(fwd_name, forward_impl, mutates_args=())
+        bwd = make_op(bwd_name, backward_impl, mutates_args=())
+    else:
+        fwd = make_op(fwd_name, forward_impl, mutates_args=(), schema=FORWARD_SCHEMA)
+        bwd = make_op(bwd_name, backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
     # triton_op derives its own fake implementation by tracing; custom_op needs one.
     if make_op is torch.library.custom_op:
         fwd.register_fake(_fake_forward)
