@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import autotune as at
-from .common import dot_operand, load_tile
+from .common import col_sum, dot_operand, load_tile
 
 
 @at.autotune(at.DY, at.DY_INTERP, reset_to_zero=["du_ptr", "dmask_ptr", "dbias_ptr"])
@@ -56,10 +56,10 @@ def dy_kernel(
     if LOAD_T:  # FUSE_DU or NEED_MASK
         t = load_tile(t_ptr, offs_m, offs_r, stride_tn, stride_tr, m_ok, r_ok).to(tl.float32)
     else:
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        t = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     ts = dot_operand(t * ms[None, :], ref_ptr, UPCAST)
     single_row_tile = tl.num_programs(0) == 1
-    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    g = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for o0 in range(0, O, BLOCK_O):
         offs_o = o0 + offs_ob
         o_ok = offs_o < O
@@ -76,11 +76,11 @@ def dy_kernel(
             else:
                 tl.atomic_add(du_ptrs, du, mask=du_ok)
         if NEED_BIAS:
-            col = tl.sum(dyt.to(tl.float32), axis=0) * student_scale
+            col = col_sum(dyt.to(tl.float32)) * student_scale
             o_lim = tl.where(pid_r == 0, O, 0)  # dbias: first rank slice only
             tl.atomic_add(dbias_ptr + offs_o, col, mask=offs_o < o_lim)
     if NEED_MASK:
-        tl.atomic_add(dmask_ptr + offs_r, tl.sum(t * g, axis=0) * student_scale, mask=r_ok)
+        tl.atomic_add(dmask_ptr + offs_r, col_sum(t * g) * student_scale, mask=r_ok)
     if NEED_H:
         tl.store(h_ptr + offs_m[:, None] * stride_hn + offs_r[None, :] * stride_hr,
                  (g * ms[None, :]).to(h_ptr.dtype.element_ty),

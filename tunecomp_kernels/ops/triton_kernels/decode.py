@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import autotune as at
-from .common import dot_operand, load_tile
+from .common import cdiv, dot_operand, load_tile
 
 
 @at.autotune(at.DECODE_SHRINK, at.DECODE_SHRINK_INTERP, reset_to_zero=["t_ptr"])
@@ -37,10 +37,10 @@ def decode_shrink_kernel(
     offs_kb = tl.arange(0, BLOCK_K)
     m_ok = offs_m < N
     r_ok = offs_r < R
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_per_split = cdiv(cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + offs_kb
         k_ok = offs_k < k_stop

@@ -78,8 +78,8 @@ def fused_forward_kernel(
     o_ok = offs_o < O
 
     # Pass 1 over K: x is loaded once per step and feeds both t and the teacher tile.
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
         k_ok = offs_k < K
@@ -108,7 +108,7 @@ def fused_forward_kernel(
         if start_o < O:
             offs_oj = start_o + tl.arange(0, BLOCK_N)
             o_okj = offs_oj < O
-            accj = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            accj = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
             if HAS_TEACHER:
                 for k0 in range(0, K, BLOCK_K):
                     offs_k = k0 + offs_kb
@@ -146,7 +146,7 @@ def expand_kernel(
     offs_kb = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     if HAS_SECOND:  # the dense (teacher) term first, so it can be scaled in place
         for k0 in range(0, K2, BLOCK_K):
             offs_k = k0 + offs_kb

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import autotune as at
-from .common import dot_operand, load_tile
+from .common import cdiv, dot_operand, load_tile
 
 
 @at.autotune(at.GEMM, at.GEMM_INTERP, key=at.GEMM_KEY, reset_to_zero=["c_ptr"])
@@ -40,10 +40,10 @@ def gemm_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     # This split's slice of K, a whole number of BLOCK_K steps.
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_per_split = cdiv(cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(k_start, k_stop, BLOCK_K):
         offs_k = k0 + offs_kb
         k_ok = offs_k < k_stop
