@@ -1,0 +1,178 @@
+"""``prepare``: convert a model's targeted linear layers into TuneComp students."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..nn.init import asvd_factors, svd_factors, svd_llm_factors
+from ..nn.masked_lowrank_linear import MaskedLowRankLinear
+from .budget import min_feasible_params
+from .calibration import ActivationStats, collect_statistics
+from .config import TuneCompConfig
+from .controller import TuneCompController
+from .model_io import call_model
+from .targets import (
+    INFO_ATTR,
+    TargetInfo,
+    dense_weight,
+    find_targets,
+    layer_dims,
+    origin_of,
+    set_submodule,
+)
+
+CONFIG_ATTR = "tunecomp_config"
+
+
+def factor_weight(
+    weight: torch.Tensor,
+    rank: int,
+    init: str,
+    stats: ActivationStats | None = None,
+    asvd_alpha: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U [out, rank]``, ``V [rank, in]`` (float64) with ``U·V ≈ weight [out, in]``."""
+    if init == "svd":
+        return svd_factors(weight, rank)
+    if stats is None:
+        raise ValueError(f"init={init!r} needs calibration statistics")
+    if init == "asvd":
+        return asvd_factors(weight, rank, stats.abs_mean, asvd_alpha)
+    if init == "svd_llm":
+        if stats.gram is None:
+            raise ValueError("init='svd_llm' needs the Gram matrix of the calibration inputs")
+        return svd_llm_factors(weight, rank, stats.gram)
+    raise ValueError(f"unknown init {init!r}")
+
+
+def build_lowrank(
+    module: nn.Module,
+    info: TargetInfo,
+    rank: int,
+    init: str,
+    stats: ActivationStats | None,
+    *,
+    asvd_alpha: float = 0.5,
+    backend: str = "auto",
+) -> MaskedLowRankLinear:
+    """A :class:`MaskedLowRankLinear` of ``rank`` factored from ``module`` (Linear or
+    Conv1D), with a copy of its bias and ``info`` attached (no teacher)."""
+    weight = dense_weight(module)
+    bias = getattr(module, "bias", None)
+    layer = MaskedLowRankLinear(
+        info.in_features, info.out_features, rank, bias=bias is not None,
+        device=weight.device, dtype=weight.dtype, backend=backend,
+    )
+    U, V = factor_weight(weight, rank, init, stats, asvd_alpha)
+    with torch.no_grad():
+        layer.U.copy_(U)
+        layer.V.copy_(V)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    setattr(layer, INFO_ATTR, info)
+    return layer
+
+
+def select_targets(model: nn.Module, config: TuneCompConfig) -> dict[str, nn.Module]:
+    """The layers ``config`` selects in ``model``; a clear error when there are none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    already = [n for n, m in model.named_modules() if isinstance(m, MaskedLowRankLinear)]
+    targets = find_targets(model, config.include_patterns(), config.exclude_patterns())
+    if not targets:
+        hint = (f" (it already holds {len(already)} MaskedLowRankLinear layers: prepared twice?)"
+                if already else "")
+        raise ValueError(
+            f"no module of {type(model).__name__} matches the selection (include="
+            f"{config.include!r}, exclude={config.exclude!r}): nothing to compress{hint}"
+        )
+    return targets
+
+
+def check_feasible(infos: list[TargetInfo], config: TuneCompConfig) -> None:
+    """Raise if ``target_ratio`` is below what every layer at ``min_rank`` already costs."""
+    total = sum(i.dense_params for i in infos)
+    budget = math.floor(config.target_ratio * total)
+    floor_params = min_feasible_params(infos, config.min_rank)
+    if budget < floor_params:
+        raise ValueError(
+            f"target_ratio={config.target_ratio} is infeasible: the {len(infos)} targeted "
+            f"layers cost {floor_params} parameters at min_rank={config.min_rank}, more than "
+            f"the budget {budget} of {total}; use target_ratio >= {floor_params / total:.4f}"
+        )
+
+
+def prepare(
+    model: nn.Module,
+    config: TuneCompConfig | None = None,
+    calibration: Iterable[Any] | None = None,
+    *,
+    forward: Callable[[nn.Module, Any], Any] = call_model,
+) -> TuneCompController:
+    """Convert ``model``'s targeted layers in place and return the controller.
+
+    Every selected ``nn.Linear`` / HF ``Conv1D`` is replaced (``setattr`` on its parent)
+    by a :class:`~tunecomp_kernels.MaskedLowRankLinear` of starting rank
+    ``ceil(init_rank_ratio·min(in, out))``, factored from its weight by ``config.init``,
+    carrying the original weight as its frozen teacher (unless ``blend_steps == 0``), with
+    α_0 = 1 and α'_0 from the blend. Build the optimiser *after* calling this.
+
+    Args:
+        model: any ``nn.Module`` with linear layers (HF BERT, GPT-2, Llama, ViT, ...).
+        config: the run's :class:`TuneCompConfig` (default: ``TuneCompConfig()``).
+        calibration: an iterable of model inputs (dicts of tensors, tensors or tuples);
+            required for ``init="asvd"``/``"svd_llm"`` and ``score="activation"``.
+        forward: how to call the model on one batch (default ``model(**batch)`` /
+            ``model(*batch)`` / ``model(batch)``); also used for teacher forwards.
+
+    Raises:
+        ValueError: no layer matches, the target is infeasible, calibration is missing
+            or empty.
+    """
+    config = TuneCompConfig() if config is None else config
+    if not isinstance(config, TuneCompConfig):
+        raise TypeError(f"config must be a TuneCompConfig, got {type(config).__name__}")
+    targets = select_targets(model, config)
+    infos = {}
+    for name, mod in targets.items():
+        in_f, out_f = layer_dims(mod)
+        infos[name] = TargetInfo(name, in_f, out_f, getattr(mod, "bias", None) is not None,
+                                 origin_of(mod))
+    check_feasible(list(infos.values()), config)
+
+    stats: dict[str, ActivationStats] = {}
+    if config.needs_calibration and calibration is None:
+        why = (f"init={config.init!r}" if config.init != "svd" else "score='activation'")
+        raise ValueError(
+            f"{why} needs calibration data: prepare(model, config, calibration=batches)"
+        )
+    if calibration is not None:
+        stats = collect_statistics(model, targets, calibration,
+                                   gram=config.init == "svd_llm", forward=forward)
+
+    layers: dict[str, MaskedLowRankLinear] = {}
+    for name, mod in targets.items():
+        info = infos[name]
+        full = min(info.in_features, info.out_features)
+        rank = min(full, max(config.min_rank, math.ceil(config.init_rank_ratio * full)))
+        layer = build_lowrank(mod, info, rank, config.init, stats.get(name),
+                              asvd_alpha=config.asvd_alpha, backend=config.backend)
+        if config.blend_steps > 0:
+            layer.set_teacher(dense_weight(mod), getattr(mod, "bias", None))
+        for p_new, p_old in ((layer.U, mod.weight), (layer.V, mod.weight),
+                             (layer.mask, mod.weight)):
+            p_new.requires_grad_(p_old.requires_grad)
+        if layer.bias is not None and mod.bias is not None:
+            layer.bias.requires_grad_(mod.bias.requires_grad)
+        set_submodule(model, name, layer)
+        layers[name] = layer
+    targets.clear()
+
+    setattr(model, CONFIG_ATTR, config)
+    rms = {n: s.rms.float() for n, s in stats.items()}
+    return TuneCompController(model, layers, config, activation_rms=rms, forward=forward)
