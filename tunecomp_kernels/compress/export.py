@@ -1,0 +1,344 @@
+"""Save and load finalized TuneComp models.
+
+A saved model is a directory holding
+
+* ``model.safetensors``: the model's state dict (tied tensors stored once);
+* ``tunecomp.json``: per converted layer its kind (``"lowrank"`` or ``"dense"``), rank and
+  original shape, the :class:`TuneCompConfig`, the tied-tensor aliases, the dtype and,
+  for Hugging Face models, the model class and its config (``config.to_json_string()``).
+
+Loading needs no training code path: for HF models :func:`load_compressed` rebuilds the
+architecture from the saved config (no hub access), swaps in
+:class:`~tunecomp_kernels.MaskedLowRankLinear` layers of the saved ranks and loads the
+weights; for any other model the caller passes an uncompressed instance of the same
+architecture. Saving is atomic: files go to a temporary sibling directory that is renamed
+into place only when complete, so a failure never leaves a half-written directory nor
+touches an existing good one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..nn.masked_lowrank_linear import MaskedLowRankLinear
+from .budget import lowrank_is_smaller
+from .config import TuneCompConfig
+from .prepare import CONFIG_ATTR
+from .targets import INFO_ATTR, TargetInfo, is_supported, layer_dims, set_submodule
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "tunecomp.json"
+FORMAT = "tunecomp_kernels.compressed"
+FORMAT_VERSION = 1
+
+
+# --- saving ---------------------------------------------------------------------------
+
+
+def _layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        info = getattr(mod, INFO_ATTR, None)
+        if not isinstance(info, TargetInfo):
+            continue
+        entry = {"in_features": info.in_features, "out_features": info.out_features,
+                 "bias": info.bias, "origin": info.origin}
+        if isinstance(mod, MaskedLowRankLinear):
+            zero_mask = bool((mod.mask == 0).any())
+            if mod.teacher_weight is not None or zero_mask or not lowrank_is_smaller(
+                    mod.rank, info):
+                raise ValueError(
+                    f"layer {name!r} is not finalized (teacher, pruned ranks or a rank that "
+                    "is not smaller than dense): call finalize(model) before save_compressed"
+                )
+            entry.update(kind="lowrank", rank=mod.rank)
+        else:
+            entry.update(kind="dense", rank=None)
+        table[name] = entry
+    if not table:
+        raise ValueError("the model has no TuneComp layers: prepare, train and finalize it first")
+    return table
+
+
+def _hf_info(model: nn.Module) -> dict[str, Any] | None:
+    cls = type(model)
+    config = getattr(model, "config", None)
+    if not cls.__module__.startswith("transformers.") or not hasattr(config, "to_json_string"):
+        return None
+    return {"module": cls.__module__, "class": cls.__name__,
+            "config": json.loads(config.to_json_string(use_diff=False))}
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors identical to an earlier one (tied weights) and make the rest
+    independent, contiguous CPU tensors. Returns ``(tensors, {alias: kept_name})``."""
+    kept: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in state.items():
+        t = t.detach()
+        if t.numel():
+            key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
+                   tuple(t.shape), t.stride(), t.dtype)
+            if key in seen:
+                tied[name] = seen[key]
+                continue
+            seen[key] = name
+        kept[name] = t
+    owners: dict[tuple, int] = {}
+    for t in kept.values():
+        if t.numel():
+            k = (t.device, t.untyped_storage().data_ptr())
+            owners[k] = owners.get(k, 0) + 1
+    out = {}
+    for name, t in kept.items():
+        whole = t.numel() * t.element_size() == t.untyped_storage().nbytes()
+        shared = t.numel() and owners[(t.device, t.untyped_storage().data_ptr())] > 1
+        t = t.to("cpu")
+        out[name] = t.clone() if (shared or not whole or not t.is_contiguous()) else t
+    return out, tied
+
+
+def _float_dtype(model: nn.Module) -> str | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
+def _check_destination(path: Path) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if any(path.iterdir()) and not (path / META_FILE).is_file():
+        raise FileExistsError(
+            f"{path} is a non-empty directory that is not a saved TuneComp model; "
+            "refusing to overwrite it"
+        )
+
+
+def save_compressed(
+    model: nn.Module, path: str | os.PathLike[str], *, config: TuneCompConfig | None = None
+) -> Path:
+    """Save a finalized model to directory ``path`` atomically; returns the path.
+
+    Args:
+        model: a model after :func:`~.finalize.finalize`.
+        path: target directory; an existing saved model there is replaced only once the
+            new one is complete. Any other existing non-empty directory is an error.
+        config: the run's config to record (default: the one ``prepare`` attached).
+
+    Raises:
+        ValueError: the model is not finalized or has no TuneComp layers.
+        FileExistsError: ``path`` is a file or an unrelated non-empty directory.
+    """
+    path = Path(path)
+    layers = _layer_table(model)
+    config = config if config is not None else getattr(model, CONFIG_ATTR, None)
+    tensors, tied = _dedupe(model.state_dict())
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "layers": layers,
+        "tied": tied,
+        "dtype": _float_dtype(model),
+        "tunecomp_config": config.to_dict() if isinstance(config, TuneCompConfig) else None,
+        "hf_model": _hf_info(model),
+    }
+    _check_destination(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():
+            backup = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, backup)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(backup, path)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``tunecomp.json`` of a saved model, validated."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no saved TuneComp model at {path} (not a directory)")
+    for fname in (META_FILE, WEIGHTS_FILE):
+        if not (path / fname).is_file():
+            raise FileNotFoundError(f"{path} is missing {fname}: not a complete saved model")
+    try:
+        with open(path / META_FILE, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path / META_FILE} is corrupt: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path / META_FILE} is not a TuneComp model description")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path / META_FILE} has format version {meta.get('version')}; "
+            f"this library reads version {FORMAT_VERSION}"
+        )
+    if not isinstance(meta.get("layers"), dict) or not meta["layers"]:
+        raise ValueError(f"{path / META_FILE} lists no layers")
+    return meta
+
+
+def _build_hf(hf: dict[str, Any]) -> nn.Module:
+    module_name, class_name = hf.get("module", ""), hf.get("class", "")
+    if not module_name.startswith("transformers."):
+        raise ValueError(f"refusing to import model class from {module_name!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"cannot find {module_name}.{class_name} in the installed transformers"
+        ) from exc
+    config = cls.config_class.from_dict(hf["config"])
+    return cls(config)
+
+
+def _replace_layers(
+    model: nn.Module, layers: dict[str, dict[str, Any]]
+) -> list[tuple[str, nn.Module]]:
+    """Swap in low-rank layers of the saved ranks; returns the originals for rollback."""
+    plan = []
+    for name, entry in layers.items():
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"base model mismatch: it has no module {name!r}") from None
+        if not is_supported(mod):
+            raise ValueError(
+                f"base model mismatch: {name!r} is a {type(mod).__name__}, expected an "
+                "uncompressed nn.Linear or Conv1D"
+            )
+        dims = layer_dims(mod)
+        saved = (entry["in_features"], entry["out_features"])
+        if dims != saved:
+            raise ValueError(
+                f"base model mismatch: {name!r} has (in, out)={dims}, the saved model {saved}"
+            )
+        plan.append((name, mod, entry))
+    originals = []
+    for name, mod, entry in plan:
+        info = TargetInfo(name, entry["in_features"], entry["out_features"], bool(entry["bias"]),
+                          entry["origin"])
+        originals.append((name, mod))
+        if entry["kind"] == "lowrank":
+            weight = mod.weight
+            layer = MaskedLowRankLinear(info.in_features, info.out_features, int(entry["rank"]),
+                                        bias=info.bias, device=weight.device, dtype=weight.dtype)
+            layer.mask.requires_grad_(False)
+            setattr(layer, INFO_ATTR, info)
+            set_submodule(model, name, layer)
+        else:
+            setattr(mod, INFO_ATTR, info)
+    return originals
+
+
+def _rollback(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:
+    for name, mod in originals:
+        set_submodule(model, name, mod)
+        if hasattr(mod, INFO_ATTR):
+            delattr(mod, INFO_ATTR)
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+    expected = model.state_dict()
+    full = dict(tensors)
+    for alias, source in tied.items():
+        if source in tensors:
+            full[alias] = tensors[source]
+    missing = sorted(set(expected) - set(full))
+    unexpected = sorted(set(full) - set(expected))
+    wrong = sorted(k for k in set(full) & set(expected) if full[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape mismatch at {k!r}: saved {list(full[k].shape)}, model "
+                         f"{list(expected[k].shape)}")
+        raise ValueError("base model mismatch: " + "; ".join(parts))
+    model.load_state_dict(full, strict=True)
+
+
+def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Load a model written by :func:`save_compressed`.
+
+    Args:
+        path: the saved directory.
+        model: for a non-HF model, an *uncompressed* instance of the same architecture
+            (it is converted in place and returned). For HF models leave it ``None``: the
+            model is rebuilt from the saved config (no download), cast to the saved dtype
+            and returned in eval mode.
+
+    Raises:
+        FileNotFoundError: missing directory or file.
+        ValueError: corrupt files, or a base model whose names/shapes do not match
+            (the passed model is then left as it was). Loading never writes to disk.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path / WEIGHTS_FILE))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{path / WEIGHTS_FILE} is corrupt: {exc}") from exc
+
+    built_here = model is None
+    if built_here:
+        if meta.get("hf_model") is None:
+            raise ValueError(
+                f"{path} holds a non-Hugging-Face model: pass model=<an uncompressed instance "
+                "of the same architecture>"
+            )
+        model = _build_hf(meta["hf_model"])
+        if meta.get("dtype"):
+            model.to(getattr(torch, meta["dtype"]))
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    elif any(isinstance(getattr(m, INFO_ATTR, None), TargetInfo) for m in model.modules()):
+        raise ValueError("model already holds TuneComp layers: pass an uncompressed instance")
+
+    originals = _replace_layers(model, meta["layers"])
+    try:
+        _load_tensors(model, tensors, meta.get("tied", {}))
+    except BaseException:
+        _rollback(model, originals)
+        raise
+    if meta.get("tunecomp_config") is not None:
+        setattr(model, CONFIG_ATTR, TuneCompConfig.from_dict(meta["tunecomp_config"]))
+    if built_here:
+        model.eval()
+    return model
