@@ -1,0 +1,211 @@
+"""save_compressed / load_compressed: exact round trips, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from test_compress_common import (
+    block_net,
+    ce_loss,
+    forward_x,
+    image_batches,
+    single_thread,  # noqa: F401  (autouse fixture)
+    text_batches,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_vit,
+    vector_batches,
+)
+
+import tunecomp_kernels.compress.export as export_mod
+from tunecomp_kernels import MaskedLowRankLinear
+from tunecomp_kernels.compress import (
+    TuneCompConfig,
+    compression_report,
+    finalize,
+    load_compressed,
+    prepare,
+    read_metadata,
+    save_compressed,
+    train,
+)
+
+
+def compressed(make_model, batches, ratio=0.4, forward=None, loss_fn=None, steps=3):
+    model = make_model()
+    cfg = TuneCompConfig(target_ratio=ratio, blend_steps=2, total_steps=steps)
+    kwargs = {} if forward is None else {"forward": forward}
+    controller = prepare(model, cfg, **kwargs)
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batches,
+          controller=controller, loss_fn=loss_fn)
+    finalize(model)
+    return model.eval()
+
+
+HF = {
+    "bert": (tiny_bert, lambda: text_batches(3)),
+    "gpt2": (tiny_gpt2, lambda: text_batches(3, classes=None)),
+    "llama": (tiny_llama, lambda: text_batches(3, classes=None)),
+    "vit": (tiny_vit, lambda: image_batches(3)),
+}
+
+
+@pytest.mark.parametrize("arch", list(HF))
+def test_hf_round_trip_from_config_alone(arch, tmp_path):
+    make_model, make_batches = HF[arch]
+    batches = make_batches()
+    model = compressed(make_model, batches)
+    out = save_compressed(model, tmp_path / "saved")
+    assert sorted(os.listdir(out)) == ["model.safetensors", "tunecomp.json"]
+    loaded = load_compressed(out)
+    assert type(loaded) is type(model) and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(**batches[0]).logits, model(**batches[0]).logits)
+    assert compression_report(loaded).to_dict() == compression_report(model).to_dict()
+    assert loaded.tunecomp_config == model.tunecomp_config
+    meta = read_metadata(out)
+    assert meta["hf_model"]["class"] == type(model).__name__
+    ranks = {n: e["rank"] for n, e in meta["layers"].items() if e["kind"] == "lowrank"}
+    assert ranks and all(loaded.get_submodule(n).rank == r for n, r in ranks.items())
+    # a saved model is genuinely smaller on disk than the parameters it replaced
+    assert compression_report(loaded).params_after < compression_report(loaded).params_before
+
+
+def test_gpt2_dense_layers_come_back_as_conv1d(tmp_path):
+    batches = text_batches(3, classes=None)
+    model = compressed(tiny_gpt2, batches, ratio=0.9)
+    report = compression_report(model)
+    dense = [r.name for r in report.layers if r.kind == "dense"]
+    assert dense, "expected some layers to stay dense at 90%"
+    assert all(type(model.get_submodule(n)).__name__ == "Conv1D" for n in dense)
+    loaded = load_compressed(save_compressed(model, tmp_path / "g"))
+    with torch.no_grad():
+        assert torch.equal(loaded(**batches[0]).logits, model(**batches[0]).logits)
+    # tied input/output embeddings stay tied and are stored once
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    assert read_metadata(tmp_path / "g")["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+
+
+def test_plain_module_round_trip_needs_model(tmp_path):
+    batches = vector_batches(3)
+    model = compressed(block_net, batches, forward=forward_x, loss_fn=ce_loss)
+    save_compressed(model, tmp_path / "net")
+    with pytest.raises(ValueError, match="pass model="):
+        load_compressed(tmp_path / "net")
+    loaded = load_compressed(tmp_path / "net", model=block_net(seed=123))
+    x = batches[0][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert any(isinstance(m, MaskedLowRankLinear) for m in loaded.modules())
+
+
+def test_mismatching_base_model_changes_nothing(tmp_path):
+    model = compressed(block_net, vector_batches(3), forward=forward_x, loss_fn=ce_loss)
+    save_compressed(model, tmp_path / "net")
+    files_before = {p: p.stat().st_mtime_ns for p in (tmp_path / "net").iterdir()}
+
+    other = block_net(width=16)  # same names, other shapes
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"base model mismatch: 'blocks\.0\.\w+' has \(in, out\)"):
+        load_compressed(tmp_path / "net", model=other)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
+    assert not any(isinstance(m, MaskedLowRankLinear) for m in other.modules())
+
+    shallow = block_net(depth=1)  # a missing layer
+    with pytest.raises(ValueError, match="base model mismatch: it has no module 'blocks.1"):
+        load_compressed(tmp_path / "net", model=shallow)
+
+    class Wider(type(block_net())):
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Linear(3, 3)
+
+    wider = Wider()  # layers match but the state dict has an extra entry
+    with pytest.raises(ValueError, match=r"base model mismatch: missing \['extra.bias'"):
+        load_compressed(tmp_path / "net", model=wider)
+    assert isinstance(wider.blocks[0].up, torch.nn.Linear)  # rolled back
+    assert not hasattr(wider.blocks[0].up, "tunecomp_info")
+    with pytest.raises(ValueError, match="already holds TuneComp layers"):
+        load_compressed(tmp_path / "net", model=model)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "net").iterdir()} == files_before
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    model = compressed(block_net, vector_batches(3), forward=forward_x, loss_fn=ce_loss)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_compressed(tmp_path / "nowhere", model=block_net())
+    good = save_compressed(model, tmp_path / "good")
+
+    broken = tmp_path / "no_weights"
+    broken.mkdir()
+    (broken / "tunecomp.json").write_text((good / "tunecomp.json").read_text())
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+        load_compressed(broken, model=block_net())
+
+    bad_json = save_compressed(model, tmp_path / "bad_json")
+    (bad_json / "tunecomp.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tunecomp.json is corrupt"):
+        load_compressed(bad_json, model=block_net())
+
+    wrong = save_compressed(model, tmp_path / "wrong")
+    (wrong / "tunecomp.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ValueError, match="not a TuneComp model description"):
+        load_compressed(wrong, model=block_net())
+
+    bad_weights = save_compressed(model, tmp_path / "bad_weights")
+    (bad_weights / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    target = block_net()
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        load_compressed(bad_weights, model=target)
+    assert not any(isinstance(m, MaskedLowRankLinear) for m in target.modules())
+
+
+def test_save_refuses_unfinalized_models(tmp_path):
+    model = block_net()
+    prepare(model, TuneCompConfig(target_ratio=0.4), forward=forward_x)
+    with pytest.raises(ValueError, match="call finalize"):
+        save_compressed(model, tmp_path / "x")
+    with pytest.raises(ValueError, match="no TuneComp layers"):
+        save_compressed(block_net(), tmp_path / "y")
+    assert not os.listdir(tmp_path)
+
+
+def test_save_is_atomic_and_never_clobbers(tmp_path, monkeypatch):
+    batches = vector_batches(3)
+    first = compressed(block_net, batches, ratio=0.5, forward=forward_x, loss_fn=ce_loss)
+    second = compressed(block_net, batches, ratio=0.3, forward=forward_x, loss_fn=ce_loss)
+    dest = save_compressed(first, tmp_path / "model")
+    good_json = (dest / "tunecomp.json").read_text()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_mod, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_compressed(second, dest)
+    monkeypatch.undo()
+    assert (dest / "tunecomp.json").read_text() == good_json
+    assert sorted(os.listdir(tmp_path)) == ["model"]  # no temporary directory left
+    with torch.no_grad():
+        x = batches[0][0]
+        assert torch.equal(load_compressed(dest, model=block_net())(x), first(x))
+
+    save_compressed(second, dest)  # replacing a previous export is fine
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+    with torch.no_grad():
+        assert torch.equal(load_compressed(dest, model=block_net())(x), second(x))
+
+    unrelated = tmp_path / "photos"
+    unrelated.mkdir()
+    (unrelated / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        save_compressed(second, unrelated)
+    assert os.listdir(unrelated) == ["cat.jpg"]
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        save_compressed(second, a_file)

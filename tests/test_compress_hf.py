@@ -1,0 +1,122 @@
+"""Hugging Face Trainer integration: one callback, or TuneCompTrainer for distillation."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from test_compress_common import (
+    single_thread,  # noqa: F401  (autouse fixture)
+    text_batches,
+    tiny_bert,
+)
+
+transformers = pytest.importorskip("transformers")
+needs_accelerate = pytest.mark.skipif(
+    importlib.util.find_spec("accelerate") is None,
+    reason="transformers.Trainer needs accelerate",
+)
+
+from tunecomp_kernels.compress import TuneCompConfig, finalize, prepare  # noqa: E402
+from tunecomp_kernels.compress.hf_callback import (  # noqa: E402
+    STATE_FILE,
+    TuneCompCallback,
+    TuneCompTrainer,
+)
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int = 12) -> None:
+        batch = text_batches(1, batch=n)[0]
+        self.ids, self.labels = batch["input_ids"], batch["labels"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def args(tmp_path, **kw):
+    base = {"output_dir": str(tmp_path / "out"), "max_steps": 3,
+            "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": "none",
+            "save_strategy": "no", "logging_strategy": "no", "use_cpu": True,
+            "disable_tqdm": True, "dataloader_num_workers": 0, "seed": 0}
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+@needs_accelerate
+def test_callback_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tiny_bert()
+    controller = prepare(model, TuneCompConfig(target_ratio=0.4, blend_steps=2, total_steps=3))
+    trainer = transformers.Trainer(model=model, args=args(tmp_path), train_dataset=Rows(),
+                                   callbacks=[TuneCompCallback(controller)])
+    trainer.train()
+    assert controller.step_count == 3 and controller.teacher_freed
+    assert controller.current_params <= controller.budget_params
+    finalize(model)
+    assert sorted(os.listdir(tmp_path)) in ([], ["out"])  # nothing outside tmp_path
+
+
+def test_callback_adds_the_l1_gradient():
+    model = tiny_bert()
+    controller = prepare(model, TuneCompConfig(l1_lambda=0.5, l1_schedule="constant"))
+    layer = next(iter(controller.layers.values()))
+    layer.mask.grad = torch.zeros_like(layer.mask)
+    with torch.no_grad():
+        layer.mask[0] = -2.0
+    TuneCompCallback(controller).on_pre_optimizer_step(None, None, None)
+    assert layer.mask.grad[0] == -0.5 and layer.mask.grad[1] == 0.5
+    off = TuneCompCallback(controller, add_l1_gradients=False)
+    off.on_pre_optimizer_step(None, None, None)
+    assert layer.mask.grad[0] == -0.5
+    with pytest.raises(TypeError, match="needs a TuneCompController"):
+        TuneCompCallback(object())
+
+
+@needs_accelerate
+def test_trainer_with_distillation(tmp_path):
+    model = tiny_bert()
+    cfg = TuneCompConfig(target_ratio=0.4, blend_steps=2, total_steps=3, distill="logits")
+    controller = prepare(model, cfg)
+    calls = []
+    original = controller.teacher_forward
+
+    def spy(inputs):
+        calls.append(sorted(inputs))
+        return original(inputs)
+
+    controller.teacher_forward = spy
+    trainer = TuneCompTrainer(model=model, args=args(tmp_path), train_dataset=Rows(),
+                              tunecomp=controller)
+    trainer.train()
+    assert controller.step_count == 3
+    assert len(calls) == 2  # teacher outputs during the blend only (t = 0, 1)
+
+
+@needs_accelerate
+def test_trainer_checkpoint_resume_restores_controller(tmp_path):
+    kw = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "save_only_model": False}
+    model = tiny_bert()
+    cfg = TuneCompConfig(target_ratio=0.4, blend_steps=3, total_steps=4)
+    controller = prepare(model, cfg)
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, **kw), train_dataset=Rows(),
+                                   callbacks=[TuneCompCallback(controller)])
+    trainer.train()
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    saved = torch.load(ckpt / STATE_FILE, weights_only=True)
+    assert saved["step"] == 2
+
+    model2 = tiny_bert()
+    controller2 = prepare(model2, cfg)
+    trainer2 = transformers.Trainer(model=model2, args=args(tmp_path, **kw),
+                                    train_dataset=Rows(),
+                                    callbacks=[TuneCompCallback(controller2)])
+    trainer2.train(resume_from_checkpoint=str(ckpt))
+    assert controller2.step_count == 4
+    assert all(torch.equal(controller2.alive_masks()[k], v)
+               for k, v in controller.alive_masks().items())
