@@ -122,6 +122,10 @@ def test_budget_met_over_ratios(ratio):
     # the budget is used, not wasted: within one rank of the largest layer
     assert budget - report.params_after < max(i.rank_cost for i in controller._infos)
     assert model(**text_batches(1)[0]).logits.shape == (4, 3)
+    table = str(report)
+    assert "targeted layers" in table and "whole model" in table
+    assert f"target ratio {ratio:.4g}: budget met" in table
+    assert report.to_dict()["ratio"] == report.params_after / report.params_before
 
 
 @pytest.mark.parametrize("per_param", [True, False])

@@ -114,14 +114,6 @@ def make_dense(
         return layer
 
 
-def get_submodule(model: nn.Module, name: str) -> nn.Module:
-    """``model.get_submodule(name)`` with a clear error."""
-    try:
-        return model.get_submodule(name)
-    except AttributeError as exc:
-        raise ValueError(f"model has no submodule {name!r}") from exc
-
-
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted ``name`` (works inside ModuleList / Sequential)."""
     parent_name, _, child = name.rpartition(".")
