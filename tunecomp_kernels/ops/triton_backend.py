@@ -29,7 +29,8 @@ saved tensor moves less data than x alone, and the GEMM is avoided outright; the
 memory cost is ``r·4`` bytes per row next to x's ``in·2``.
 
 Backward: the dy kernel (:mod:`.triton_kernels.backward`) reads dy once for g = dy·U,
-the folded dmask reduction, h = s·g ⊙ mask, dbias and, for ``N <= FUSE_DU_MAX_N``, dU;
+the folded dmask reduction, h = s·g ⊙ mask, dbias and, in the decode regime
+(``N <= FUSE_DU_MAX_N``, ``r <= FUSE_DU_MAX_R``), dU;
 dx = h·V + a·dy·W0 is one expand-kernel launch (one accumulator); dV = hᵀ·x and the
 unfused dU are GEMMs with split-K over N. Unneeded gradients are not computed and come
 back as fresh 0-element tensors.
@@ -69,8 +70,13 @@ from .triton_kernels.gemm import gemm_kernel
 FUSED_MAX_R = 256
 #: Largest row count served by the decode path (split-K shrink + expand).
 DECODE_MAX_N = 64
-#: Largest row count for which dU is fused into the backward dy kernel (see backward.py).
-FUSE_DU_MAX_N = 256
+#: dU is fused into the backward dy kernel only up to this many rows and ranks. Each
+#: row tile adds a full [O, r] fp32 partial atomically, which beats re-reading dy
+#: (N·O 16-bit values) only while there are very few row tiles: the decode regime,
+#: where saving a launch matters most. Past r = 128 the fused variant spills
+#: registers on sm_90 (ptxas, ``python -m bench.compile_check``).
+FUSE_DU_MAX_N = 64
+FUSE_DU_MAX_R = 128
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -257,7 +263,7 @@ def backward(
     mask = mask.contiguous()
     need_g = need_x or need_V or need_mask
     need_h = need_x or need_V
-    fuse_du = need_U and need_g and n <= FUSE_DU_MAX_N
+    fuse_du = need_U and need_g and n <= FUSE_DU_MAX_N and r <= FUSE_DU_MAX_R
     h = (torch.empty((n, r), dtype=x.dtype, device=x.device) if need_h
          else _scratch(x).to(x.dtype))
     du_acc = torch.zeros((out_f, r), dtype=torch.float32, device=x.device) if fuse_du \
@@ -280,7 +286,7 @@ def backward(
             dy.stride(0), dy.stride(1), U.stride(0), U.stride(1), t.stride(0), t.stride(1),
             h.stride(0), h.stride(-1), du_acc.stride(0), du_acc.stride(-1),
             student_scale,
-            LOAD_T=fuse_du or need_mask, FUSE_DU=fuse_du, NEED_MASK=need_mask, NEED_H=need_h,
+            FUSE_DU=fuse_du, NEED_MASK=need_mask, NEED_H=need_h,
             NEED_BIAS=fold_bias, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
             BLOCK_R=block_r,
         )

@@ -5,11 +5,12 @@ arguments (``triton.autotune`` appends those itself), where ``N_BUCKET`` is the 
 count rounded up to a power of two (capped at 16384) so that a training run whose batch
 size wobbles does not re-tune on every new N.
 
-Config lists are written for sm_90 (H100/H200: 228 KB shared memory, 4-stage pipelines,
-8 warps for the wide tiles) and sm_80 (A100: 164 KB, at most 3 stages for the widest
-tiles); :func:`prune_for_device` drops configs that do not suit the device the tensors
-live on before anything is benchmarked. Configs that still exceed the device's resources
-fail to compile and are discarded by Triton's autotuner (it times them as infinite).
+Config lists are written for sm_90 (H100/H200: 228 KB shared memory, 3-4 stage
+pipelines, 8 warps for the tiles that hold a whole rank slice); their sm_80 variants
+(A100: 164 KB) cap the pipeline at 3 stages. :func:`make_pruner` keeps the list of the
+device the tensors live on, then drops the configs whose register estimate for this
+call (it depends on ``BLOCK_R``) predicts spills. Configs that still exceed the
+device's resources fail to compile and Triton's autotuner discards them.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) every kernel gets exactly one small config, so
 nothing is benchmarked and the interpreter runs as few programs as possible.
@@ -18,7 +19,7 @@ nothing is benchmarked and the interpreter runs as few programs as possible.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import triton
@@ -57,69 +58,140 @@ def _capability(named_args: dict) -> tuple[int, int] | None:
     return None
 
 
-def prune_for_device(configs_: Iterable[triton.Config], named_args: dict,
-                     **_kwargs: object) -> list[triton.Config]:
-    """``early_config_prune`` hook. On sm_90+ keep every config; below that drop the ones
-    with 8 warps and 4+ pipeline stages, which are sized for Hopper's 228 KB of shared
-    memory and either fail or spill on sm_80's 164 KB."""
-    configs_ = list(configs_)
-    cap = _capability(named_args)
-    if cap is None or cap >= (9, 0):
-        return configs_
-    kept = [c for c in configs_ if not (c.num_stages >= 4 and c.num_warps >= 8)]
-    return kept or configs_[:1]
+def _signature(c: triton.Config) -> tuple:
+    return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
 
-PRUNE = {"early_config_prune": prune_for_device}
+def for_sm80(configs_: Sequence[triton.Config]) -> list[triton.Config]:
+    """The sm_80 variants of sm_90 configs: at most 3 pipeline stages (A100 has 164 KB of
+    shared memory per SM against H100/H200's 228 KB), duplicates dropped."""
+    seen: set[tuple] = set()
+    out = []
+    for c in configs_:
+        v = triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=min(c.num_stages, 3))
+        if _signature(v) not in seen:
+            seen.add(_signature(v))
+            out.append(v)
+    return out
+
+
+RegisterEstimate = Callable[[triton.Config, dict], float]
+
+
+def make_pruner(sm90: Sequence[triton.Config], sm80: Sequence[triton.Config],
+                registers: RegisterEstimate | None = None, budget: float = 96.0):
+    """An ``early_config_prune`` hook: keep the configs written for the tensors' GPU
+    (sm_90 list on sm_90+, sm_80 list below), then, given a per-kernel ``registers``
+    estimate (fp32 accumulator registers per thread, from the call's constexprs such as
+    ``BLOCK_R``), drop the configs over ``budget``. The estimates were fitted to the
+    ptxas spill reports of ``python -m bench.compile_check`` (sm_90, Triton 3.9, no GPU
+    needed): configs over the budget spilled registers, those under it did not. They
+    are static facts, not timings. At least one config is always kept."""
+    sigs90 = {_signature(c) for c in sm90}
+    sigs80 = {_signature(c) for c in sm80}
+
+    def prune(configs_: Iterable[triton.Config], named_args: dict,
+              **kwargs: object) -> list[triton.Config]:
+        configs_ = list(configs_)
+        cap = _capability(named_args)
+        wanted = sigs80 if cap is not None and cap < (9, 0) else sigs90
+        kept = [c for c in configs_ if _signature(c) in wanted] or configs_
+        if registers is not None:
+            meta = {**named_args, **kwargs}
+            fitting = [c for c in kept if registers(c, meta) <= budget]
+            kept = fitting or [min(kept, key=lambda c: registers(c, meta))]
+        return kept
+
+    return prune
 
 
 def autotune(gpu_configs: Sequence[triton.Config], interpreter_config: triton.Config,
-             key: Sequence[str] = tuple(TUNE_KEY), reset_to_zero: Sequence[str] | None = None):
-    """``triton.autotune`` with the given key, device pruning and interpreter mode.
+             key: Sequence[str] = tuple(TUNE_KEY), reset_to_zero: Sequence[str] | None = None,
+             registers: RegisterEstimate | None = None, budget: float = 96.0):
+    """``triton.autotune`` over ``gpu_configs`` (sm_90) plus their sm_80 variants, with the
+    given key, the pruning of :func:`make_pruner`, and one config under the interpreter.
 
     ``reset_to_zero`` names the outputs that a kernel accumulates into atomically: the
     autotuner zeroes them before each timed run and once more before the real one.
     """
-    chosen = configs(gpu_configs, interpreter_config)
+    sm80 = for_sm80(gpu_configs)
+    sigs = {_signature(c) for c in gpu_configs}
+    every = list(gpu_configs) + [c for c in sm80 if _signature(c) not in sigs]
+    chosen = configs(every, interpreter_config)
+    prune = None if len(chosen) == 1 else {
+        "early_config_prune": make_pruner(gpu_configs, sm80, registers, budget)}
     return triton.autotune(
         configs=chosen,
         key=list(key),
-        prune_configs_by=None if len(chosen) == 1 else PRUNE,
+        prune_configs_by=prune,
         reset_to_zero=list(reset_to_zero) if reset_to_zero else None,
     )
 
 
-# --- config tables ------------------------------------------------------------------
+def fused_forward_registers(c: triton.Config, meta: dict) -> float:
+    """Fused forward: t [BM, BLOCK_R] and the accumulator [BM, BN] in fp32 per thread,
+    plus the cost of wider K steps and of holding t across further output tiles."""
+    k = c.kwargs
+    block_r = int(meta.get("BLOCK_R", 64))
+    acc = k["BLOCK_M"] * (block_r + k["BLOCK_N"]) / (32 * c.num_warps)
+    return acc + (k["BLOCK_K"] - 32) + (32 if k["OUT_TILES"] > 1 else 0)
 
-#: Fused forward (t kept on chip): BLOCK_R is fixed by r, so the tile over out is
-#: narrower for wide r to keep t [BLOCK_M, BLOCK_R] plus the accumulator in registers.
+
+def dy_registers(c: triton.Config, meta: dict) -> float:
+    """dy kernel: g [BM, BLOCK_R] fp32, the U tile [BLOCK_O, BLOCK_R] and the dy tile per
+    thread; the fused dU adds the ``t·mask`` operand and the [BLOCK_O, BLOCK_R] fp32
+    partial (weighted x2: it is live next to the dot that produces it)."""
+    k = c.kwargs
+    bm, bo = k["BLOCK_M"], k["BLOCK_O"]
+    block_r = int(meta.get("BLOCK_R", 64))
+    threads = 32 * c.num_warps
+    regs = (bm * block_r + bo * block_r / 2 + bm * bo / 2) / threads
+    if meta.get("FUSE_DU", False):
+        regs += (bm * block_r + 2 * bo * block_r) / threads
+    return regs
+
+
+DY_BUDGET = 104.0
+FUSED_FORWARD_BUDGET = 96.0
+
+# --- config tables ------------------------------------------------------------------
+# Every GPU config below compiles for sm_90 and sm_80 within shared memory, and the
+# register estimates above keep the ones that ptxas reports spill-free for the call's
+# BLOCK_R (``python -m bench.compile_check``). None of them has been timed on a GPU.
+
+#: Fused forward (t kept on chip): the [BLOCK_M, BLOCK_R] fp32 t lives in registers next
+#: to the accumulator, so wide r wants BLOCK_M = 64 with 8 warps and BLOCK_K = 32.
 FUSED_FORWARD = [
-    _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, OUT_TILES=1),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, OUT_TILES=2),
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, OUT_TILES=4),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, OUT_TILES=1),
-    _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, OUT_TILES=4),
-    _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, OUT_TILES=8),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, OUT_TILES=1),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, OUT_TILES=1),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_K=32, OUT_TILES=1),
+    _cfg(8, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, OUT_TILES=1),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, OUT_TILES=1),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, OUT_TILES=1),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, OUT_TILES=2),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, OUT_TILES=4),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, OUT_TILES=1),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, OUT_TILES=1),
 ]
 FUSED_FORWARD_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, OUT_TILES=2)
 
-#: Expand (t read from memory) + teacher, also the second kernel of the split path.
+#: Expand (t or h read from memory) + dense term: forward split/decode and dx.
 EXPAND = [
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-    _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),   # decode: tiny N, wide K steps
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),  # decode: few rows, long K steps
     _cfg(4, 4, BLOCK_M=32, BLOCK_N=32, BLOCK_K=128),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128),
 ]
 EXPAND_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
 
 #: Plain GEMM C = A·B (t in the split path, dU and dV in backward). The SPLIT_K > 1
 #: configs serve dU/dV, whose reduction runs over N while the output is small.
 GEMM = [
-    _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SPLIT_K=1),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1),
-    _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1),
+    _cfg(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, SPLIT_K=1),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4),
@@ -140,15 +212,12 @@ DECODE_SHRINK_INTERP = _cfg(4, 1, BLOCK_R=16, BLOCK_K=32, SPLIT_K=2)
 
 #: Backward dy kernel (g, dmask, h, dbias and optionally dU from one read of dy).
 DY = [
-    _cfg(8, 3, BLOCK_M=128, BLOCK_O=64),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_O=64),
-    _cfg(4, 4, BLOCK_M=64, BLOCK_O=128),
-    _cfg(8, 4, BLOCK_M=64, BLOCK_O=128),
-    _cfg(4, 3, BLOCK_M=32, BLOCK_O=128),
-    _cfg(4, 4, BLOCK_M=16, BLOCK_O=128),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_O=64),
+    _cfg(8, 3, BLOCK_M=64, BLOCK_O=128),
+    _cfg(8, 3, BLOCK_M=32, BLOCK_O=128),
+    _cfg(4, 4, BLOCK_M=16, BLOCK_O=64),
+    _cfg(4, 3, BLOCK_M=32, BLOCK_O=64),
+    _cfg(4, 3, BLOCK_M=16, BLOCK_O=128),
+    _cfg(4, 3, BLOCK_M=64, BLOCK_O=32),
 ]
 DY_INTERP = _cfg(4, 1, BLOCK_M=32, BLOCK_O=32)
-
-#: Backward dx = h·V + a·dy·W0.
-DX = EXPAND
-DX_INTERP = EXPAND_INTERP

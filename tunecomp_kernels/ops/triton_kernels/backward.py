@@ -17,9 +17,10 @@ single row tile (decode) dU is stored directly.
 
 Why dU is fused only for few row tiles: the fused dU costs ``(N / BLOCK_M)·O·r`` fp32
 atomic adds (each row tile adds a full ``[O, r]`` partial), while the separate GEMM
-costs one more read of dy (``N·O`` elements) and no atomics. The atomics exceed the
-re-read once ``N / BLOCK_M`` is more than a few tiles, so the launcher fuses dU only
-when N <= ``FUSE_DU_MAX_N`` (see :mod:`tunecomp_kernels.ops.triton_backend`).
+costs one more read of dy (``N·O`` elements) and no atomics; the two break even around
+``BLOCK_M = 2r``, so the fusion only pays with one or two row tiles. The launcher fuses
+dU for N <= ``FUSE_DU_MAX_N`` and r <= ``FUSE_DU_MAX_R`` (see
+:mod:`tunecomp_kernels.ops.triton_backend`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from . import autotune as at
 from .common import col_sum, dot_operand, load_tile
 
 
-@at.autotune(at.DY, at.DY_INTERP, reset_to_zero=["du_ptr", "dmask_ptr", "dbias_ptr"])
+@at.autotune(at.DY, at.DY_INTERP, reset_to_zero=["du_ptr", "dmask_ptr", "dbias_ptr"],
+             registers=at.dy_registers, budget=at.DY_BUDGET)
 @triton.jit
 def dy_kernel(
     dy_ptr, u_ptr, t_ptr, mask_ptr, h_ptr, du_ptr, dmask_ptr, dbias_ptr, ref_ptr,
@@ -39,7 +41,7 @@ def dy_kernel(
     stride_dyn, stride_dyo, stride_uo, stride_ur, stride_tn, stride_tr,
     stride_hn, stride_hr, stride_duo, stride_dur,
     student_scale,
-    LOAD_T: tl.constexpr, FUSE_DU: tl.constexpr, NEED_MASK: tl.constexpr, NEED_H: tl.constexpr,
+    FUSE_DU: tl.constexpr, NEED_MASK: tl.constexpr, NEED_H: tl.constexpr,
     NEED_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -53,11 +55,11 @@ def dy_kernel(
     m_ok = offs_m < N
     r_ok = offs_r < R
     ms = tl.load(mask_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32) * student_scale
-    if LOAD_T:  # FUSE_DU or NEED_MASK
+    if FUSE_DU:  # only the dot-dtype t·ms stays live through the loop, not fp32 t
         t = load_tile(t_ptr, offs_m, offs_r, stride_tn, stride_tr, m_ok, r_ok).to(tl.float32)
+        ts = dot_operand(t * ms[None, :], ref_ptr, UPCAST)
     else:
-        t = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-    ts = dot_operand(t * ms[None, :], ref_ptr, UPCAST)
+        ts = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     single_row_tile = tl.num_programs(0) == 1
     g = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     for o0 in range(0, O, BLOCK_O):
@@ -79,7 +81,8 @@ def dy_kernel(
             col = col_sum(dyt.to(tl.float32)) * student_scale
             o_lim = tl.where(pid_r == 0, O, 0)  # dbias: first rank slice only
             tl.atomic_add(dbias_ptr + offs_o, col, mask=offs_o < o_lim)
-    if NEED_MASK:
+    if NEED_MASK:  # t is re-read here (L2-resident) rather than held in registers
+        t = load_tile(t_ptr, offs_m, offs_r, stride_tn, stride_tr, m_ok, r_ok).to(tl.float32)
         tl.atomic_add(dmask_ptr + offs_r, col_sum(t * g) * student_scale, mask=r_ok)
     if NEED_H:
         tl.store(h_ptr + offs_m[:, None] * stride_hn + offs_r[None, :] * stride_hr,
