@@ -140,11 +140,21 @@ def test_split_path_with_lowered_threshold(monkeypatch, record_kernels, n, dtype
 
 @pytest.mark.parametrize("n", [7, 130])
 def test_unfused_du_path(monkeypatch, record_kernels, n):
-    """dU by the split-K GEMM instead of inside the dy kernel (large-N policy)."""
+    """dU by the split-K GEMM instead of inside the dy kernel (the large-N policy)."""
     monkeypatch.setattr(tb, "FUSE_DU_MAX_N", 0)
     inputs = make_inputs((n,), 30, 26, 9, torch.float32, DEVICE, teacher=True)
     check(inputs, torch.float32)
     assert record_kernels.count("gemm_kernel") == 2  # dU and dV
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_du_over_several_row_tiles(monkeypatch, record_kernels, dtype):
+    """dU inside the dy kernel with row tiles meeting through atomics (decode fuses it
+    with a single row tile; this forces the multi-tile case)."""
+    monkeypatch.setattr(tb, "FUSE_DU_MAX_N", 10**6)
+    inputs = make_inputs((130,), 30, 26, 9, dtype, DEVICE, teacher=True)
+    check(inputs, dtype)
+    assert record_kernels.count("gemm_kernel") == 1  # dV only
 
 
 def test_decode_path_up_to_its_limit(monkeypatch, record_kernels):
