@@ -13,6 +13,7 @@
 
 #include "common/build_info.h"
 #include "common/mask_grad.h"
+#include "common/mlr.h"
 
 namespace py = pybind11;
 
@@ -94,6 +95,63 @@ void mask_grad_cuda(uint64_t t_ptr, uint64_t g_ptr, uint64_t out_ptr, int64_t n,
 #endif
 }
 
+// --- masked low-rank op (common/mlr.h) ------------------------------------------
+
+void check_dtype_code(int64_t dtype, const char* who) {
+  TC_CHECK_ARG(tunecomp::is_known_dtype_code(dtype), who, ": unknown dtype code ", dtype,
+               " (expected 0=float32, 1=float16, 2=bfloat16)");
+}
+
+py::tuple mlr_forward_plan(int64_t n, int64_t k, int64_t m, int64_t r, int64_t dtype,
+                           int64_t path, int64_t sms) {
+  check_dtype_code(dtype, "mlr_forward_plan");
+  const tunecomp::mlr::Shape s{n, k, m, r, static_cast<tunecomp::DType>(dtype)};
+  const auto p = tunecomp::mlr::plan_forward(s, static_cast<int>(path), sms);
+  return py::make_tuple(std::string(tunecomp::mlr::path_name(p.path)),
+                        static_cast<int64_t>(p.workspace_bytes));
+}
+
+int64_t mlr_backward_plan(int64_t n, int64_t k, int64_t m, int64_t r, int64_t dtype,
+                          int64_t needs, int64_t sms) {
+  check_dtype_code(dtype, "mlr_backward_plan");
+  const tunecomp::mlr::Shape s{n, k, m, r, static_cast<tunecomp::DType>(dtype)};
+  return static_cast<int64_t>(
+      tunecomp::mlr::plan_backward(s, static_cast<int>(needs), sms).workspace_bytes);
+}
+
+void mlr_forward_cuda(uint64_t x, uint64_t U, uint64_t mask, uint64_t V, uint64_t bias,
+                      uint64_t W0, uint64_t b0, uint64_t y, uint64_t t, uint64_t ws,
+                      uint64_t ws_bytes, int64_t n, int64_t k, int64_t m, int64_t r,
+                      int64_t dtype, double teacher_scale, double student_scale, int64_t path,
+                      int64_t sms, uint64_t stream) {
+  // Validate first so bad arguments are a ValueError in every build.
+  const auto a = tunecomp::mlr::make_forward_args(x, U, mask, V, bias, W0, b0, y, t, ws,
+                                                  ws_bytes, n, k, m, r, dtype, teacher_scale,
+                                                  student_scale, path, sms);
+#ifdef TUNECOMP_WITH_CUDA
+  tunecomp::mlr_forward_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+#else
+  (void)a, (void)stream;
+  throw std::runtime_error("tunecomp_kernels._C was built without CUDA");
+#endif
+}
+
+void mlr_backward_cuda(uint64_t dy, uint64_t x, uint64_t U, uint64_t mask, uint64_t V,
+                       uint64_t t, uint64_t W0, uint64_t dx, uint64_t dU, uint64_t dmask,
+                       uint64_t dV, uint64_t dbias, uint64_t ws, uint64_t ws_bytes, int64_t n,
+                       int64_t k, int64_t m, int64_t r, int64_t dtype, double teacher_scale,
+                       double student_scale, int64_t needs, int64_t sms, uint64_t stream) {
+  const auto a = tunecomp::mlr::make_backward_args(dy, x, U, mask, V, t, W0, dx, dU, dmask, dV,
+                                                   dbias, ws, ws_bytes, n, k, m, r, dtype,
+                                                   teacher_scale, student_scale, needs, sms);
+#ifdef TUNECOMP_WITH_CUDA
+  tunecomp::mlr_backward_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
+#else
+  (void)a, (void)stream;
+  throw std::runtime_error("tunecomp_kernels._C was built without CUDA");
+#endif
+}
+
 int cuda_device_count() {
 #ifdef TUNECOMP_WITH_CUDA
   return tunecomp::cuda_device_count();
@@ -130,4 +188,30 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "CUDA version of mask_grad_cpu on device pointers, asynchronous on `stream` (a "
         "cudaStream_t as int; 0 = legacy default stream) of the current device.");
+
+  m.def("mlr_forward_plan", &mlr_forward_plan, py::arg("n"), py::arg("k"), py::arg("m"),
+        py::arg("r"), py::arg("dtype"), py::arg("path"), py::arg("sms"),
+        "Masked low-rank forward on CUDA: (path name, workspace bytes) for x [n, k], U [m, r]; "
+        "path: 0=auto, 1=fused, 2=split, 3=decode; sms: the device's SM count. Host only.");
+  m.def("mlr_backward_plan", &mlr_backward_plan, py::arg("n"), py::arg("k"), py::arg("m"),
+        py::arg("r"), py::arg("dtype"), py::arg("needs"), py::arg("sms"),
+        "Workspace bytes of the masked low-rank backward; needs: bits 1=dx 2=dU 4=dmask 8=dV "
+        "16=dbias. Host only.");
+  m.def("mlr_forward_cuda", &mlr_forward_cuda, py::arg("x"), py::arg("U"), py::arg("mask"),
+        py::arg("V"), py::arg("bias"), py::arg("W0"), py::arg("b0"), py::arg("y"), py::arg("t"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("n"), py::arg("k"),
+        py::arg("m"), py::arg("r"), py::arg("dtype"), py::arg("teacher_scale"),
+        py::arg("student_scale"), py::arg("path"), py::arg("sms"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "y = s((x V^T * mask) U^T + bias) + a(x W0^T + b0) and t = x V^T (float32) on device "
+        "pointers of contiguous row-major tensors (0 = absent); asynchronous on `stream`.");
+  m.def("mlr_backward_cuda", &mlr_backward_cuda, py::arg("dy"), py::arg("x"), py::arg("U"),
+        py::arg("mask"), py::arg("V"), py::arg("t"), py::arg("W0"), py::arg("dx"),
+        py::arg("dU"), py::arg("dmask"), py::arg("dV"), py::arg("dbias"),
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("n"), py::arg("k"),
+        py::arg("m"), py::arg("r"), py::arg("dtype"), py::arg("teacher_scale"),
+        py::arg("student_scale"), py::arg("needs"), py::arg("sms"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Gradients (dx, dU, dmask, dV, dbias) of the masked low-rank op on device pointers; "
+        "only those whose `needs` bit is set are written; asynchronous on `stream`.");
 }
