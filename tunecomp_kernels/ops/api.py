@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends import resolve_backend
+from .cuda_tables import shape_key as _shape_key
 from .validation import check_inputs
 
 
@@ -43,7 +44,14 @@ def masked_lowrank_linear(
     student_scale = float(student_scale) if isinstance(student_scale, int) else student_scale
     if teacher_scale == 0.0:  # the teacher contributes nothing: don't read it
         teacher_weight = teacher_bias = None
-    name = resolve_backend(backend, x.device.type)
+    name = resolve_backend(backend, x.device.type, _auto_shape_key(backend, x, U))
     op = getattr(torch.ops.tunecomp, f"masked_lowrank_{name}")
     y, _t = op(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale, student_scale)
     return y
+
+
+def _auto_shape_key(backend: str, x: torch.Tensor, U: torch.Tensor) -> str:
+    """The per-shape key "auto" uses to choose between GPU backends; "" where not needed."""
+    if backend != "auto" or x.device.type != "cuda":
+        return ""
+    return _shape_key(x, U)

@@ -68,6 +68,21 @@ def _cuda_unavailable() -> str | None:
     return None
 
 
+def _cuda_auto_accepts(device_type: str, shape_key: str) -> bool:
+    # "auto" takes CUDA only for shapes whose kernels passed the GPU checks on this GPU,
+    # and then where it measured faster than Triton or Triton cannot run (cuda_tables).
+    from .cuda_tables import cuda_auto_allowed
+
+    triton = _REGISTRY.get("triton")
+    triton_ok = (triton is not None and triton.unavailable_reason() is None
+                 and _auto_may_pick(triton, device_type))
+    return cuda_auto_allowed(shape_key, triton_available=triton_ok)
+
+
+#: Extra conditions for "auto", per backend: (device_type, shape_key) -> may it pick it.
+_AUTO_GUARDS: dict[str, Callable[[str, str], bool]] = {"cuda": _cuda_auto_accepts}
+
+
 _REGISTRY: dict[str, BackendSpec] = {}
 
 
@@ -123,14 +138,21 @@ def backend_serves(name: str, device_type: str) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def resolve_backend(requested: str, device_type: str) -> str:
+def resolve_backend(requested: str, device_type: str, shape_key: str = "") -> str:
     """Map a requested backend name (or ``"auto"``) to a runnable backend for ``device_type``.
+
+    ``shape_key`` (:func:`tunecomp_kernels.ops.cuda_tables.shape_key`, given by the public
+    op for ``"auto"`` on CUDA tensors) lets "auto" choose per shape: it picks ``"cuda"``
+    only when the kernels that shape runs passed the GPU checks on this GPU (and measured
+    faster than Triton, or Triton cannot run); without a key it never picks ``"cuda"``.
 
     Raises ValueError for an unknown name and RuntimeError for one that cannot run here.
     """
     if requested == "auto":
         for name in available_backends():
-            if _auto_may_pick(_REGISTRY[name], device_type):
+            guard = _AUTO_GUARDS.get(name)
+            if _auto_may_pick(_REGISTRY[name], device_type) and (
+                    guard is None or guard(device_type, shape_key)):
                 load_backend(name)
                 return name
         return "torch"
