@@ -165,6 +165,40 @@ def test_gpu_deterministic_and_on_current_stream():
     assert torch.equal(y1, y2)
 
 
+@gpu
+@needs_cuda_build
+@pytest.mark.filterwarnings("ignore::tunecomp_kernels.ops.cuda_tables.UnverifiedKernelWarning")
+@pytest.mark.parametrize("teacher", [False, True])
+def test_gpu_opcheck(teacher):
+    from tunecomp_kernels.ops.backends import load_backend
+
+    ops = load_backend("cuda")
+    inputs = make_inputs((2, 3), 9, 7, 4, torch.float32, "cuda", teacher=teacher)
+    for name in GRAD_NAMES:
+        inputs[name].requires_grad_()
+    args = (*[inputs[n] for n in GRAD_NAMES], inputs["teacher_weight"], inputs["teacher_bias"],
+            0.5 if teacher else 0.0, 1.5)
+    torch.library.opcheck(ops.forward.default, args)
+
+
+@gpu
+@needs_cuda_build
+@pytest.mark.filterwarnings("ignore::tunecomp_kernels.ops.cuda_tables.UnverifiedKernelWarning")
+def test_gpu_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(
+        MaskedLowRankLinear(48, 40, 8, backend="cuda"), torch.nn.GELU(),
+        MaskedLowRankLinear(40, 24, 4, backend="cuda"),
+    ).to("cuda")
+    model[0].set_teacher(torch.randn(40, 48, device="cuda") / 7)
+    model[0].teacher_scale = 0.3
+    x = torch.randn(2, 70, 48, device="cuda", requires_grad=True)
+    y = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(y, model(x), rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 # ================================================================================
 # Bindings and wrapper (any machine)
 # ================================================================================

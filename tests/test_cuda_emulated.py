@@ -205,3 +205,28 @@ def test_emulated_launcher_rejects_bad_arguments(emu):
     with pytest.raises(ValueError, match="fused path serves 1 <= r <= 128"):
         emu_forward(emu, x, torch.zeros(4, 129), torch.zeros(129), torch.zeros(129, 4), None,
                     None, None, 0.0, 1.0, FUSED, 4)
+
+
+@pytest.mark.parametrize("path", [FUSED, SPLIT, DECODE])
+def test_emulated_empty_batch_and_empty_features(emu, path):
+    # N = 0: empty y and t, and gradients of the weights are exact zeros.
+    x = torch.zeros(0, 8, dtype=torch.float16)
+    U, mask = torch.randn(6, 3).half(), torch.ones(3, dtype=torch.float16)
+    V = torch.randn(3, 8).half()
+    y, t, _ = emu_forward(emu, x, U, mask, V, None, None, None, 0.0, 1.0, path, 4)
+    assert y.shape == (0, 6) and t.shape == (0, 3)
+    grads = emu_backward(emu, torch.zeros(0, 6, dtype=torch.float16), x, U, mask, V, t, None,
+                         0.0, 1.0, ALL_GRADS, 4)
+    assert [tuple(g.shape) for g in grads] == [(0, 8), (6, 3), (3,), (3, 8), (6,)]
+    assert all(bool((g == 0).all()) for g in grads[1:])
+    # in = 0: t = 0, y = s * bias, dbias = s * N
+    n = 5 if path == DECODE else 40
+    bias = torch.randn(6)
+    y, t, _ = emu_forward(emu, torch.zeros(n, 0), U.float(), mask.float(), torch.zeros(3, 0),
+                          bias, None, None, 0.0, 0.5, path, 4)
+    assert torch.equal(t, torch.zeros(n, 3))
+    torch.testing.assert_close(y, (0.5 * bias).expand(n, 6))
+    grads = emu_backward(emu, torch.ones(n, 6), torch.zeros(n, 0), U.float(), mask.float(),
+                         torch.zeros(3, 0), t, None, 0.0, 0.5, ALL_GRADS, 4)
+    torch.testing.assert_close(grads[4], torch.full((6,), 0.5 * n))
+    assert bool((grads[1] == 0).all()) and bool((grads[2] == 0).all())

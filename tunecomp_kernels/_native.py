@@ -10,6 +10,7 @@ Importing this module never fails; without the compiled module,
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -163,6 +164,19 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_forward_plan(n: int, k: int, m: int, r: int, code: int, path: int,
+                         sms: int) -> tuple[str, int]:
+    # Pure host function of its arguments: caching saves a native call per step.
+    return tuple(_require_native().mlr_forward_plan(n, k, m, r, code, path, sms))
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_backward_plan(n: int, k: int, m: int, r: int, code: int, needs: int,
+                          sms: int) -> int:
+    return _require_native().mlr_backward_plan(n, k, m, r, code, needs, sms)
+
+
 def mlr_forward_plan(n: int, in_features: int, out_features: int, rank: int,
                      dtype: torch.dtype, path: str = "auto", sms: int = 132) -> tuple[str, int]:
     """(forward kernel name, workspace bytes) the CUDA launcher would use; host-only, no GPU.
@@ -281,8 +295,8 @@ def masked_lowrank_forward_cuda(
     x2, U, mask, V = x2.contiguous(), U.contiguous(), mask.contiguous(), V.contiguous()
     bias, teacher_weight, teacher_bias = map(_contig, (bias, teacher_weight, teacher_bias))
     sms = _sm_count(device)
-    path_name, ws_bytes = native.mlr_forward_plan(n, k, m, r, _DTYPE_CODES[dtype],
-                                                  FORWARD_PATHS[path], sms)
+    path_name, ws_bytes = _cached_forward_plan(n, k, m, r, _DTYPE_CODES[dtype],
+                                               FORWARD_PATHS[path], sms)
     y = torch.empty((n, m), dtype=dtype, device=device)
     t = torch.empty((n, r), dtype=torch.float32, device=device)
     ws = torch.empty((ws_bytes,), dtype=torch.uint8, device=device) if ws_bytes else None
@@ -339,7 +353,7 @@ def masked_lowrank_backward_cuda(
     grad_y, x2, U, mask, V, t = (a.contiguous() for a in (grad_y, x2, U, mask, V, t))
     teacher_weight = _contig(teacher_weight)
     sms = _sm_count(device)
-    ws_bytes = native.mlr_backward_plan(n, k, m, r, _DTYPE_CODES[dtype], bits, sms)
+    ws_bytes = _cached_backward_plan(n, k, m, r, _DTYPE_CODES[dtype], bits, sms)
     like = {"dx": (n, k), "dU": (m, r), "dmask": (r,), "dV": (r, k), "dbias": (m,)}
     grads = [torch.empty(like[name] if bits & (1 << i) else (0,), dtype=dtype, device=device)
              for i, name in enumerate(_GRAD_NAMES)]
