@@ -1,6 +1,7 @@
 """Verify every CUDA kernel of the "cuda" backend on this GPU and record the result.
 
-    python -m bench.cuda_verify [--out-dir DIR] [--no-write] [--choose] [--memcheck-case]
+    python -m bench.cuda_verify [--out-dir DIR] [--no-write] [--choose | --choose-only]
+                                [--memcheck-case]
 
 Runs each kernel family -- ``forward_fused``, ``forward_split``, ``forward_decode`` and
 ``backward`` -- in float32, float16 and bfloat16 over a fixed set of cases (odd shapes,
@@ -17,7 +18,8 @@ a per-case report go to ``--out-dir``.
 
 ``--choose`` also times the CUDA and Triton backends side by side (forward + backward,
 teacher on and off) on the benchmark shapes and writes the winners to
-``tunecomp_kernels/ops/backend_choice.json`` (only for shapes whose CUDA kernels passed).
+``tunecomp_kernels/ops/backend_choice.json`` (only for shapes whose CUDA kernels passed);
+``--choose-only`` does just that, from the table an earlier run wrote.
 
 ``--memcheck-case`` runs one tiny case of every kernel and dtype and exits; it is what
 ``bench/gpu_check.sh`` runs under ``compute-sanitizer``.
@@ -332,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not rewrite the package's tables")
     parser.add_argument("--choose", action="store_true",
                         help="time CUDA vs Triton and write backend_choice.json")
+    parser.add_argument("--choose-only", action="store_true",
+                        help="skip verification; time CUDA vs Triton for the kernels already "
+                             "verified on this GPU and write backend_choice.json")
     parser.add_argument("--memcheck-case", action="store_true",
                         help="run one tiny case per kernel and exit (for compute-sanitizer)")
     args = parser.parse_args(argv)
@@ -343,6 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore", cuda_tables.UnverifiedKernelWarning)
     if args.memcheck_case:
         return memcheck_case()
+    if args.choose_only:
+        rows = choose(print, _bench_shapes())
+        if rows and not args.no_write:
+            write_choice(rows, cuda_tables.CHOICE_PATH)
+            print(f"wrote {cuda_tables.CHOICE_PATH}")
+            if args.out_dir is not None:
+                args.out_dir.mkdir(parents=True, exist_ok=True)
+                shutil.copy(cuda_tables.CHOICE_PATH, args.out_dir / "backend_choice.json")
+        return 0
 
     started = time.time()
     results, report = verify(print)
