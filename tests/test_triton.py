@@ -277,6 +277,25 @@ def test_autotune_tables_are_well_formed():
     assert at.n_bucket(1) == 1 and at.n_bucket(130) == 256 and at.n_bucket(10**6) == 16384
 
 
+def test_autotune_switch_and_int32_guard(monkeypatch):
+    monkeypatch.setattr(at, "interpreting", lambda: False)
+    monkeypatch.setenv("TUNECOMP_TRITON_AUTOTUNE", "0")
+    assert at.configs(at.GEMM, at.GEMM_INTERP) == at.GEMM[:1]
+    monkeypatch.setenv("TUNECOMP_TRITON_AUTOTUNE", "1")
+    assert at.configs(at.GEMM, at.GEMM_INTERP) == at.GEMM
+    # fused forward at r = 256 keeps only configs whose estimate fits the budget
+    prune = at.make_pruner(at.FUSED_FORWARD, at.for_sm80(at.FUSED_FORWARD),
+                           at.fused_forward_registers, at.FUSED_FORWARD_BUDGET)
+    kept = prune(at.FUSED_FORWARD, {}, BLOCK_R=256)
+    assert kept and all(c.kwargs["BLOCK_M"] <= 64 for c in kept)
+    assert len(prune(at.FUSED_FORWARD, {}, BLOCK_R=16)) > len(kept)
+    # offsets past int32 go to the reference path
+    assert tb._int32_indexable(4096, 4096, 4096, 256)
+    assert not tb._int32_indexable(2**16, 2**15, 16, 16)
+    huge = torch.empty(1).expand(2**16, 2**16)  # stride 0: spans nothing
+    assert tb._int32_indexable(16, 16, 16, 16, huge)
+
+
 def test_triton_op_registration_traces_kernels():
     """The GPU registration (``triton_op``) on this torch: schema from the type hints,
     fake shapes without running anything, and make_fx sees the kernels as graph nodes.

@@ -47,7 +47,8 @@ contract.
 
 Dtypes: fp32, fp16 and bf16 run in the kernels with fp32 accumulation (fp32 dots use
 IEEE fp32 unless ``torch.set_float32_matmul_precision`` allows TF32). float64 (used by
-gradcheck) and r = 0 are served by the reference math inside the same op.
+gradcheck), r = 0 and problems whose offsets overflow int32 are served by the
+reference math inside the same op.
 Atomic reductions (split-K, dmask, dbias, fused dU) make results run-to-run
 nondeterministic in the last bits.
 """
@@ -95,6 +96,19 @@ def _rank_block(r: int) -> int:
     """``BLOCK_R`` for kernels that hold a whole rank slice: r padded to a power of two
     (at least 16, the smallest ``tl.dot`` dim), at most the fused limit."""
     return max(16, triton.next_power_of_2(min(r, FUSED_MAX_R)))
+
+
+def _int32_indexable(n: int, k: int, out_f: int, r: int,
+                     *tensors: torch.Tensor | None) -> bool:
+    """Whether every element offset fits the kernels' int32 index arithmetic: the
+    outputs and intermediates ([N, in], [N, out], [N, r], [out, in]) and each strided
+    input. Larger problems (e.g. an lm_head over a huge vocabulary) use the reference."""
+    limit = 2**31 - 1
+    spans = [n * k, n * out_f, n * r, out_f * k]
+    for t in tensors:
+        if t is not None and t.numel() > 0:
+            spans.append(sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride())))
+    return max(spans) < limit
 
 
 def _scratch(like: torch.Tensor) -> torch.Tensor:
@@ -190,6 +204,9 @@ def forward(
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     n = x2.shape[0]
+    if not _int32_indexable(n, k, out_f, r, x2, U, V, teacher_weight):
+        return reference.forward(x, U, mask, V, bias, teacher_weight, teacher_bias,
+                                 teacher_scale, student_scale)
     y = torch.empty((n, out_f), dtype=x.dtype, device=x.device)
     if n == 0:
         return (y.reshape(*x.shape[:-1], out_f),
@@ -251,6 +268,9 @@ def backward(
     x2 = x.reshape(-1, k)
     dy = grad_y.reshape(-1, out_f)
     n = dy.shape[0]
+    if not _int32_indexable(n, k, out_f, r, x2, dy, U, V, t, teacher_weight):
+        return reference.backward(grad_y, x, U, mask, V, t, teacher_weight, teacher_scale,
+                                  student_scale, needs_grad)
     dx, dU, dmask, dV, dbias = (grad_y.new_empty((0,)) for _ in range(5))
     if n == 0:  # nothing to reduce: the gradients are zero
         dx = torch.zeros_like(x) if need_x else dx

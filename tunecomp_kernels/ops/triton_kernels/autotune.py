@@ -13,7 +13,8 @@ call (it depends on ``BLOCK_R``) predicts spills. Configs that still exceed the
 device's resources fail to compile and Triton's autotuner discards them.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) every kernel gets exactly one small config, so
-nothing is benchmarked and the interpreter runs as few programs as possible.
+nothing is benchmarked and the interpreter runs as few programs as possible. With
+``TUNECOMP_TRITON_AUTOTUNE=0`` every kernel runs the first config of its table.
 """
 
 from __future__ import annotations
@@ -46,9 +47,19 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> triton.Config:
     return triton.Config(dict(meta), num_warps=num_warps, num_stages=num_stages)
 
 
+def autotuning_enabled() -> bool:
+    """False when ``TUNECOMP_TRITON_AUTOTUNE=0``: each kernel then runs its first (default)
+    config without benchmarking, for quick correctness runs such as bench/gpu_check.sh.
+    Read when the kernels are defined (first import of the Triton backend)."""
+    return os.environ.get("TUNECOMP_TRITON_AUTOTUNE", "1") != "0"
+
+
 def configs(gpu: Sequence[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    """The GPU config list, or the single interpreter config under ``TRITON_INTERPRET=1``."""
-    return [interpreter] if interpreting() else list(gpu)
+    """The GPU config list; the single interpreter config under ``TRITON_INTERPRET=1``;
+    only the first GPU config when autotuning is switched off."""
+    if interpreting():
+        return [interpreter]
+    return list(gpu) if autotuning_enabled() else list(gpu)[:1]
 
 
 def _capability(named_args: dict) -> tuple[int, int] | None:
