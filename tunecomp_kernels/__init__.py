@@ -5,9 +5,11 @@ Public API:
     MaskedLowRankLinear     a drop-in for ``nn.Linear`` built on it
     available_backends      backends that can run on this machine
     build_info              what the native module was compiled with
+    deterministic           bit-identical runs: deterministic algorithms and backends
 """
 
 from ._native import build_info
+from .determinism import deterministic, is_deterministic, seed_everything
 from .nn import MaskedLowRankLinear
 from .ops import available_backends, known_backends, masked_lowrank_linear
 
@@ -17,6 +19,9 @@ __all__ = [
     "MaskedLowRankLinear",
     "available_backends",
     "build_info",
+    "deterministic",
+    "is_deterministic",
     "known_backends",
     "masked_lowrank_linear",
+    "seed_everything",
 ]

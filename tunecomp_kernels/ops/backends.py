@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class BackendSpec:
     auto_device_types: tuple[str, ...]  # devices where "auto" may choose it; empty: any
     priority: int  # higher wins under "auto"
     unavailable_reason: Callable[[], str | None]  # None when it can run on this machine
+    deterministic: bool = True  # bit-identical from run to run (no atomic reductions)
 
 
 def _always() -> str | None:
@@ -95,7 +97,7 @@ register_backend(BackendSpec(
     "torch", "tunecomp_kernels.ops.reference_op", _any_device, (), 0, _always))
 register_backend(BackendSpec(
     "triton", "tunecomp_kernels.ops.triton_backend", _triton_devices, ("cuda",), 10,
-    _triton_unavailable))
+    _triton_unavailable, deterministic=False))  # atomic adds in split-K / dmask / dbias
 register_backend(BackendSpec(
     "cuda", "tunecomp_kernels.ops.cuda_backend", lambda: ("cuda",), ("cuda",), 20,
     _cuda_unavailable))
@@ -137,6 +139,16 @@ def backend_serves(name: str, device_type: str) -> bool:
     return _serves(_REGISTRY[name], device_type)
 
 
+def check_backend_name(name: object) -> str:
+    """``name`` if it is ``"auto"`` or a known backend (runnable here or not), else a clear
+    TypeError / ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__} ({name!r})")
+    if name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose 'auto' or one of {known_backends()}")
+    return name
+
+
 @torch.compiler.assume_constant_result
 def resolve_backend(requested: str, device_type: str, shape_key: str = "") -> str:
     """Map a requested backend name (or ``"auto"``) to a runnable backend for ``device_type``.
@@ -147,9 +159,16 @@ def resolve_backend(requested: str, device_type: str, shape_key: str = "") -> st
     faster than Triton, or Triton cannot run); without a key it never picks ``"cuda"``.
 
     Raises ValueError for an unknown name and RuntimeError for one that cannot run here.
+    In deterministic mode (``torch.are_deterministic_algorithms_enabled()``, see
+    :func:`tunecomp_kernels.deterministic`) ``"auto"`` skips nondeterministic backends and
+    naming one raises RuntimeError (warns under torch's ``warn_only``).
     """
+    check_backend_name(requested)
+    strict = torch.are_deterministic_algorithms_enabled()
     if requested == "auto":
         for name in available_backends():
+            if strict and not _REGISTRY[name].deterministic:
+                continue
             guard = _AUTO_GUARDS.get(name)
             if _auto_may_pick(_REGISTRY[name], device_type) and (
                     guard is None or guard(device_type, shape_key)):
@@ -169,5 +188,13 @@ def resolve_backend(requested: str, device_type: str, shape_key: str = "") -> st
             f"backend {requested!r} runs on {list(spec.device_types())} tensors, "
             f"not on {device_type!r}"
         )
+    if strict and not spec.deterministic:
+        message = (
+            f"backend {requested!r} is nondeterministic (atomic reductions) and deterministic "
+            "mode is on; use backend='auto' or 'torch', or tunecomp_kernels.deterministic(False)"
+        )
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=3)
     load_backend(requested)
     return requested
