@@ -40,9 +40,12 @@ from .report import CompressionReport, LayerReport, compression_report
 from .schedules import blend_scales, budget_fraction, l1_weight
 from .targets import TargetInfo, find_targets
 from .training import (
+    CheckpointError,
     RunResult,
     TrainResult,
+    list_checkpoints,
     load_checkpoint,
+    read_checkpoint,
     run_tunecomp,
     save_checkpoint,
     train,
@@ -52,6 +55,7 @@ _LAZY = {"TuneCompCallback", "TuneCompTrainer"}
 
 __all__ = [
     "ActivationStats",
+    "CheckpointError",
     "CompressionReport",
     "LayerReport",
     "RunResult",
@@ -72,9 +76,11 @@ __all__ = [
     "find_targets",
     "finetune_then_compress",
     "l1_weight",
+    "list_checkpoints",
     "load_checkpoint",
     "load_compressed",
     "prepare",
+    "read_checkpoint",
     "read_metadata",
     "run_tunecomp",
     "save_checkpoint",
