@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..nn.init import INIT_METHODS
+from ..ops.backends import check_backend_name
 
 BLENDS = ("sine_power", "sine_affine", "linear", "cosine")
 L1_SCHEDULES = ("constant", "linear", "cosine")
@@ -164,8 +165,7 @@ class TuneCompConfig:
         self.distill_temperature = _number("distill_temperature", self.distill_temperature)
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
-        if not isinstance(self.backend, str):
-            raise TypeError(f"backend must be a str, got {type(self.backend).__name__}")
+        check_backend_name(self.backend)
 
     # --- derived values ------------------------------------------------------------------
 

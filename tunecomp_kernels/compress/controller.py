@@ -77,6 +77,15 @@ class TuneCompController:
     ) -> None:
         if not layers:
             raise ValueError("TuneCompController needs at least one layer")
+        if not isinstance(config, TuneCompConfig):
+            raise TypeError(f"config must be a TuneCompConfig, got {type(config).__name__}")
+        for name, m in layers.items():
+            if not (isinstance(m, MaskedLowRankLinear)
+                    and isinstance(getattr(m, INFO_ATTR, None), TargetInfo)):
+                raise TypeError(
+                    f"layer {name!r} ({type(m).__name__}) is not a layer made by prepare(); "
+                    "get the controller from prepare(model, config)"
+                )
         self.config = config
         self.model = model
         self.layers = dict(layers)
@@ -195,7 +204,7 @@ class TuneCompController:
     def _zero_dead(self) -> None:
         for m, a, k in zip(self._mods, self._alive_dev, self._ranks):
             if k < m.rank:
-                m.mask.masked_fill_(~a, 0.0)
+                m.mask.masked_fill_(_laid_out_like(~a, m.mask), 0.0)
 
     @torch.no_grad()
     def scores(self) -> list[torch.Tensor]:
@@ -203,13 +212,13 @@ class TuneCompController:
         ‖V[i, :]‖``, with V's columns weighted by the input RMS for ``score="activation"``."""
         out = []
         for name, m in zip(self._names, self._mods):
-            u = m.U.detach().float().norm(dim=0)
-            v_mat = m.V.detach().float()
+            u = _full(m.U.detach()).float().norm(dim=0)
+            v_mat = _full(m.V.detach()).float()
             if self.score_kind == "activation":
                 rms = self.activation_rms[name].to(device=v_mat.device, dtype=v_mat.dtype)
                 v_mat = v_mat * rms
             v = v_mat.norm(dim=1)
-            out.append((m.mask.detach().float().abs() * u * v).to("cpu", torch.float64))
+            out.append((_full(m.mask.detach()).float().abs() * u * v).to("cpu", torch.float64))
         return out
 
     # --- teacher -----------------------------------------------------------------------
@@ -258,7 +267,7 @@ class TuneCompController:
         device = self._mods[0].mask.device
         if self.l1_lambda == 0.0:
             return torch.zeros((), device=device)
-        total = sum(m.mask.abs().sum().to(device) for m in self._mods)
+        total = sum(_full(m.mask.abs().sum()).to(device) for m in self._mods)
         return self.l1_lambda * total
 
     def distillation_loss(self, student_outputs: Any, teacher_outputs: Any) -> torch.Tensor:
@@ -351,6 +360,20 @@ class TuneCompController:
             raise ValueError(
                 f"not a TuneCompController state (version {STATE_VERSION} expected)"
             )
+        missing = sorted(set(_STATE_KEYS) - set(state))
+        if missing:
+            raise ValueError(f"TuneCompController state is incomplete: missing {missing}")
+        for key, kind in _STATE_KEYS.items():
+            if not isinstance(state[key], kind):
+                raise ValueError(f"TuneCompController state: {key!r} must be a "
+                                 f"{kind.__name__}, got {type(state[key]).__name__}")
+        bad = [k for k, v in {**state["alive"], **state["activation_rms"]}.items()
+               if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"TuneCompController state: entry {bad[0]!r} is not a tensor")
+        unknown = sorted(set(state["activation_rms"]) - set(self.layers))
+        if unknown:
+            raise ValueError(f"the checkpoint has statistics for unknown layers {unknown[:3]}")
         mine = self.config.to_dict()
         diff = sorted(k for k in mine if state["config"].get(k) != mine[k])
         if diff:
@@ -370,8 +393,8 @@ class TuneCompController:
             a = alive[name]
             if a.shape != self._alive[i].shape:
                 raise ValueError(
-                    f"layer {name!r}: checkpoint rank {a.shape[0]} != model rank "
-                    f"{self._alive[i].shape[0]}"
+                    f"layer {name!r}: checkpoint alive flags {list(a.shape)} != model rank "
+                    f"[{self._alive[i].shape[0]}]"
                 )
         for i, name in enumerate(self._names):
             self._set_alive(i, alive[name].to("cpu", torch.bool).clone())
@@ -386,9 +409,31 @@ class TuneCompController:
         self._apply(prune=False)
 
 
+_STATE_KEYS = {"step": int, "alive": dict, "start_params": int, "budget_params": int,
+               "teacher_freed": bool, "config": dict, "activation_rms": dict}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a DTensor (parameters sharded by FSDP2 ``fully_shard``) the whole
+    tensor on every rank (an all-gather / all-reduce), so every rank decides alike."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
+def _laid_out_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` split across ranks like the DTensor ``ref`` (each rank holds the same ``t``,
+    so no communication); ``t`` itself when ``ref`` is a plain tensor."""
+    mesh = getattr(ref, "device_mesh", None)
+    if mesh is None:
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t, mesh, ref.placements, src_data_rank=None)
+
+
 def _gather_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Detached float32 CPU copies of ``tensors``, with one transfer per device."""
-    flat = [t.detach().float() for t in tensors]
+    flat = [_full(t.detach()).float() for t in tensors]
     devices = {t.device for t in flat}
     if len(devices) == 1:
         joined = torch.cat(flat).cpu()

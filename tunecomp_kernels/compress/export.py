@@ -144,6 +144,8 @@ def save_compressed(
         ValueError: the model is not finalized or has no TuneComp layers.
         FileExistsError: ``path`` is a file or an unrelated non-empty directory.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
     layers = _layer_table(model)
     config = config if config is not None else getattr(model, CONFIG_ATTR, None)
@@ -162,6 +164,7 @@ def save_compressed(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        _fsync(tmp / WEIGHTS_FILE)
         with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
             json.dump(meta, fh, indent=1, sort_keys=True)
             fh.flush()
@@ -177,6 +180,7 @@ def save_compressed(
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.rename(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -190,7 +194,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``tunecomp.json`` of a saved model, validated."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"no saved TuneComp model at {path} (not a directory)")
+        backups = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        hint = (f"; an interrupted save left the previous model at {backups[-1]}: rename it "
+                f"back to {path.name}" if backups and not path.exists() else "")
+        raise FileNotFoundError(f"no saved TuneComp model at {path} (not a directory){hint}")
     for fname in (META_FILE, WEIGHTS_FILE):
         if not (path / fname).is_file():
             raise FileNotFoundError(f"{path} is missing {fname}: not a complete saved model")
@@ -208,7 +215,68 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     if not isinstance(meta.get("layers"), dict) or not meta["layers"]:
         raise ValueError(f"{path / META_FILE} lists no layers")
+    for name, entry in meta["layers"].items():
+        _check_layer_entry(path / META_FILE, name, entry)
+    _check_meta_fields(path / META_FILE, meta)
     return meta
+
+
+def _check_layer_entry(where: Path, name: str, entry: Any) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: layer {name!r} is described by a "
+                         f"{type(entry).__name__}, not an object")
+    for key, kind in (("in_features", int), ("out_features", int), ("bias", bool),
+                      ("origin", str), ("kind", str)):
+        value = entry.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"{where}: layer {name!r} has a missing or invalid {key!r}: "
+                             f"{value!r}")
+    in_f, out_f = entry["in_features"], entry["out_features"]
+    if min(in_f, out_f) < 1:
+        raise ValueError(f"{where}: layer {name!r} has (in, out)=({in_f}, {out_f})")
+    if entry["origin"] not in ("linear", "conv1d"):
+        raise ValueError(f"{where}: layer {name!r} has unknown origin {entry['origin']!r}")
+    if entry["kind"] == "lowrank":
+        rank = entry.get("rank")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(in_f,
+                                                                                       out_f):
+            raise ValueError(f"{where}: layer {name!r} has rank {rank!r}, expected an int in "
+                             f"[1, {min(in_f, out_f)}]")
+    elif entry["kind"] != "dense":
+        raise ValueError(f"{where}: layer {name!r} has unknown kind {entry['kind']!r}")
+
+
+def _check_meta_fields(where: Path, meta: dict[str, Any]) -> None:
+    dtype = meta.get("dtype")
+    if dtype is not None and not (isinstance(dtype, str)
+                                  and isinstance(getattr(torch, dtype, None), torch.dtype)):
+        raise ValueError(f"{where}: unknown dtype {dtype!r}")
+    tied = meta.get("tied", {})
+    if not isinstance(tied, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise ValueError(f"{where}: 'tied' must map tensor names to tensor names")
+    hf = meta.get("hf_model")
+    if hf is not None and not (isinstance(hf, dict) and isinstance(hf.get("module"), str)
+                               and isinstance(hf.get("class"), str)
+                               and isinstance(hf.get("config"), dict)):
+        raise ValueError(f"{where}: 'hf_model' must hold 'module', 'class' and 'config'")
+    config = meta.get("tunecomp_config")
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"{where}: 'tunecomp_config' must be an object")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's contents to disk (best effort for directories)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. directories on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _build_hf(hf: dict[str, Any]) -> nn.Module:

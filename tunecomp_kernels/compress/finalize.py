@@ -62,6 +62,8 @@ def finalize(model: nn.Module) -> nn.Module:
     :class:`~tunecomp_kernels.MaskedLowRankLinear` of their kept rank with a mask of ones,
     the others are dense. Idempotent. Rebuild any optimiser afterwards (parameters change).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     todo = [
         (name, mod) for name, mod in model.named_modules()
         if isinstance(mod, MaskedLowRankLinear) and isinstance(getattr(mod, INFO_ATTR, None),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -94,6 +94,40 @@ def select_targets(model: nn.Module, config: TuneCompConfig) -> dict[str, nn.Mod
     return targets
 
 
+def check_finite(targets: dict[str, nn.Module]) -> None:
+    """Raise if any targeted layer's weight or bias holds NaN or inf (SVD cannot factor it)."""
+    for name, mod in targets.items():
+        for what, tensor in (("weight", mod.weight), ("bias", getattr(mod, "bias", None))):
+            if tensor is None:
+                continue
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                raise ValueError(
+                    f"layer {name!r}: {what} {list(tensor.shape)} has {bad} NaN/inf value(s); "
+                    "a model with non-finite weights cannot be compressed"
+                )
+
+
+def _calibration_forward(forward: Callable[[nn.Module, Any], Any]) -> Callable[..., Any]:
+    """``forward`` that names the calibration batch when the model fails on it."""
+    count = 0
+
+    def run(model: nn.Module, batch: Any) -> Any:
+        nonlocal count
+        count += 1
+        try:
+            return forward(model, batch)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+            raise ValueError(
+                f"calibration batch {count - 1} ({type(batch).__name__}) does not fit the "
+                f"model: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    return run
+
+
 def check_feasible(infos: list[TargetInfo], config: TuneCompConfig) -> None:
     """Raise if ``target_ratio`` is below what every layer at ``min_rank`` already costs."""
     total = sum(i.dense_params for i in infos)
@@ -144,6 +178,7 @@ def prepare(
         infos[name] = TargetInfo(name, in_f, out_f, getattr(mod, "bias", None) is not None,
                                  origin_of(mod))
     check_feasible(list(infos.values()), config)
+    check_finite(targets)
 
     stats: dict[str, ActivationStats] = {}
     if config.needs_calibration and calibration is None:
@@ -151,9 +186,18 @@ def prepare(
         raise ValueError(
             f"{why} needs calibration data: prepare(model, config, calibration=batches)"
         )
+    if isinstance(calibration, (Mapping, torch.Tensor)):
+        raise TypeError(
+            f"calibration must be an iterable of batches, got a single "
+            f"{type(calibration).__name__}; wrap one batch in a list: calibration=[batch]"
+        )
     if calibration is not None:
         stats = collect_statistics(model, targets, calibration,
-                                   gram=config.init == "svd_llm", forward=forward)
+                                   gram=config.init == "svd_llm",
+                                   forward=_calibration_forward(forward))
+        for name, s in stats.items():
+            if not (torch.isfinite(s.abs_sum).all() and torch.isfinite(s.sq_sum).all()):
+                raise ValueError(f"the calibration inputs of layer {name!r} contain NaN/inf")
 
     layers: dict[str, MaskedLowRankLinear] = {}
     for name, mod in targets.items():

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ..ops.api import masked_lowrank_linear
+from ..ops.backends import check_backend_name
+from ..ops.validation import SUPPORTED_DTYPES
 from .init import INIT_METHODS, asvd_factors, svd_factors, svd_llm_factors
 
 
@@ -54,6 +56,11 @@ class MaskedLowRankLinear(nn.Module):
                 f"rank={rank} exceeds min(in_features, out_features)="
                 f"{min(in_features, out_features)}; a larger rank cannot add expressiveness"
             )
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"dtype must be float16, bfloat16, float32 or float64, got {dtype}"
+            )
+        check_backend_name(backend)
         factory = {"device": device, "dtype": dtype}
         self.in_features = in_features
         self.out_features = out_features
@@ -187,6 +194,15 @@ class MaskedLowRankLinear(nn.Module):
             raise ValueError(f"unknown init {init!r}; choose one of {list(INIT_METHODS)}")
         out_f, in_f = linear.weight.shape
         rank = min(in_f, out_f) if rank is None else rank
+        bad = int((~torch.isfinite(linear.weight.detach())).sum())
+        if bad:
+            raise ValueError(f"linear.weight [{out_f}, {in_f}] has {bad} NaN/inf values; "
+                             "cannot factor it")
+        for stat, expected in ((input_abs_mean, (in_f,)), (gram, (in_f, in_f))):
+            if stat is not None and tuple(stat.shape) != expected:
+                what = "input_abs_mean" if stat is input_abs_mean else "gram"
+                raise ValueError(f"{what} must have shape {list(expected)} for a Linear with "
+                                 f"in_features={in_f}, got {list(stat.shape)}")
         layer = cls(in_f, out_f, rank, bias=linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype, backend=backend)
         if init == "svd":

@@ -28,7 +28,8 @@ def check_inputs(
     named = {"x": x, "U": U, "mask": mask, "V": V, "bias": bias,
              "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
     for name, tensor in named.items():
-        if tensor is not None and not isinstance(tensor, torch.Tensor):
+        required = name in ("x", "U", "mask", "V")
+        if (tensor is not None or required) and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     present = {k: v for k, v in named.items() if v is not None}
 
