@@ -219,15 +219,19 @@ def test_finalize_and_save_want_a_module(tmp_path):
     ({"resume": True}, ValueError, "resume=True needs checkpoint_dir"),
     ({"checkpoint_dir": "FILE", "checkpoint_every": 2}, NotADirectoryError,
      "exists and is not a directory"),
+    ({"batches": {"x": torch.ones(2, 8)}}, TypeError,
+     "got a single dict; wrap one batch in a list"),
+    ({"batches": 7}, TypeError, "batches must be an iterable of batches, got int"),
 ], ids=["optimizer_none", "negative_steps", "every_without_dir", "every_zero",
-        "resume_without_dir", "dir_is_a_file"])
+        "resume_without_dir", "dir_is_a_file", "single_batch", "batches_int"])
 def test_train(tmp_path, prepared, kwargs, exc, message):
     model, controller = prepared
     (tmp_path / "FILE").write_text("x")
     kwargs = {k: (str(tmp_path / v) if v in ("DIR", "FILE") else v) for k, v in kwargs.items()}
-    args = {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1), **kwargs}
+    args = {"optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+            "batches": vector_batches(2), **kwargs}
     with pytest.raises(exc, match=message):
-        train(model, args.pop("optimizer"), vector_batches(2), controller=controller,
+        train(model, args.pop("optimizer"), args.pop("batches"), controller=controller,
               forward=forward_x, loss_fn=lambda out, b: out.sum(), **args)
     assert controller.step_count == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]

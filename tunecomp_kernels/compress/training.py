@@ -25,7 +25,7 @@ import tempfile
 import time
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,12 @@ def train(
     """
     _check_train_args(model, optimizer, steps, checkpoint_dir, checkpoint_every,
                       keep_checkpoints, resume)
+    if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
+        raise TypeError(
+            "batches must be an iterable of batches, got "
+            + ("a single dict; wrap one batch in a list: [batch]" if isinstance(batches, Mapping)
+               else type(batches).__name__)
+        )
     if steps is None:
         if controller is not None:
             steps = max(controller.config.total_steps - controller.step_count, 0)
