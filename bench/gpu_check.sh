@@ -40,11 +40,22 @@ EOF
 nvcc --version | tail -2; git log --oneline -1"
 step build 150 "$PY -m pip install --no-build-isolation --no-deps -e . "
 step build_info 30 "$PY -c 'import tunecomp_kernels as t, json; print(json.dumps(t.build_info(), indent=1, default=str)); print(\"backends:\", t.available_backends())'"
+# CUDA backend: every CUDA kernel (forward fused/split/decode, backward) x dtype against
+# float64; writes tunecomp_kernels/ops/cuda_verified.json ("auto" only picks kernels that
+# passed on this GPU) and copies it into $LOG_DIR. Runs early so the deadline never skips it.
+step cuda_verify 100 "$PY -m bench.cuda_verify --out-dir \"\$LOG_DIR\""
+# compute-sanitizer memcheck of one tiny case per CUDA kernel and dtype (tunecomp kernels
+# only are instrumented); skipped where compute-sanitizer is not installed.
+step cuda_memcheck 90 "CS=\$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null); if [ -z \"\$CS\" ]; then echo 'compute-sanitizer not found: skipped'; exit 0; fi; \"\$CS\" --tool memcheck --kernel-name kns=mlr --error-exitcode 99 $PY -m bench.cuda_verify --memcheck-case"
 # Correctness runs use each kernel's default config (no autotuning) to fit the time box.
 step pytest_gpu 110 "TUNECOMP_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ -x --durations=10"
 step pytest_ops_cuda 70 "TUNECOMP_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m 'not gpu' tests/test_triton.py tests/test_op.py tests/test_registration.py"
 # The benchmark autotunes (its first calls compile and time every config).
 step bench_kernels 150 "$PY -m bench.kernels --device cuda --quick --out \"\$LOG_DIR\""
+# Best effort if time is left: shared-memory races and barrier misuse in the CUDA kernels,
+# then CUDA vs Triton timed per benchmark shape -> tunecomp_kernels/ops/backend_choice.json.
+step cuda_racecheck 120 "CS=\$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null); if [ -z \"\$CS\" ]; then echo 'compute-sanitizer not found: skipped'; exit 0; fi; rc=0; for tool in racecheck synccheck; do echo \"== \$tool\"; \"\$CS\" --tool \$tool --kernel-name kns=mlr --error-exitcode 99 $PY -m bench.cuda_verify --memcheck-case || rc=1; done; exit \$rc"
+step cuda_choose 120 "$PY -m bench.cuda_verify --choose-only --out-dir \"\$LOG_DIR\""
 
 # --- runner ----------------------------------------------------------------------------
 RCS=()
