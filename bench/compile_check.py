@@ -4,10 +4,11 @@
 
 Compiles every GPU config of every kernel (the sm_90 list for ``--arch 90``, its sm_80
 variants for ``--arch 80``) with the installed Triton for that target, through ptxas,
-and records the shared memory each needs and ptxas' register/spill report. Beside each
-config it says whether the launcher's register estimate keeps it for that call
-(``kept``), so the estimates in ``triton_kernels/autotune.py`` can be checked against
-ptxas. Writes ``bench/results/compile-<arch...>-<timestamp>.json``.
+specialised as a launch on contiguous, 16-aligned tensors would be, and records the
+shared memory each needs and ptxas' register/spill report. Beside each config it says
+whether the launcher's register estimate keeps it for that call (``kept``), so the
+estimates in ``triton_kernels/autotune.py`` can be checked against ptxas. Writes
+``bench/results/compile-<arch...>-<timestamp>.json``.
 
 These are compile-time facts for one Triton version (the GPU machine runs 3.6, this
 repository's CI 3.9): they say nothing about speed.
@@ -42,7 +43,9 @@ def cases() -> list[dict]:
                         configs=at.FUSED_FORWARD, registers=at.fused_forward_registers,
                         budget=at.FUSED_FORWARD_BUDGET, ptrs={"t_ptr": "fp32"},
                         meta=dict(HAS_BIAS=True, HAS_TEACHER=True, HAS_TEACHER_BIAS=True,
-                                  BLOCK_R=block_r, **common)))
+                                  BLOCK_R=block_r, **common),
+                        unit=("stride_xk", "stride_vk", "stride_ur", "stride_wk", "stride_yo",
+                              "stride_tr")))
     for block_r, fuse in ((64, True), (128, True), (64, False), (128, False), (256, False)):
         out.append(dict(name=f"dy r{block_r}{' fused-dU' if fuse else ''}",
                         kernel=backward.dy_kernel, configs=at.DY, registers=at.dy_registers,
@@ -50,35 +53,51 @@ def cases() -> list[dict]:
                         ptrs={"t_ptr": "fp32", "du_ptr": "fp32", "dmask_ptr": "fp32",
                               "dbias_ptr": "fp32"},
                         meta=dict(FUSE_DU=fuse, NEED_MASK=True, NEED_H=True, NEED_BIAS=True,
-                                  BLOCK_R=block_r, **common)))
+                                  BLOCK_R=block_r, **common),
+                        unit=("stride_dyo", "stride_ur", "stride_tr", "stride_hr", "stride_dur")))
     out.append(dict(name="expand (forward)", kernel=forward.expand_kernel, configs=at.EXPAND,
                     ptrs={"a1_ptr": "fp32"},
                     meta=dict(HAS_MASK=True, HAS_SECOND=True, HAS_BIAS1=True, HAS_BIAS2=True,
-                              **common)))
+                              **common),
+                    unit=("stride_a1r", "stride_b1r", "stride_a2k", "stride_b2k", "stride_cn")))
     out.append(dict(name="expand (dx)", kernel=forward.expand_kernel, configs=at.EXPAND,
                     ptrs={}, meta=dict(HAS_MASK=False, HAS_SECOND=True, HAS_BIAS1=False,
-                                       HAS_BIAS2=False, **common)))
+                                       HAS_BIAS2=False, **common),
+                    unit=("stride_a1r", "stride_b1n", "stride_a2k", "stride_b2n", "stride_cn")))
     out.append(dict(name="gemm (dU: B fp32)", kernel=gemm.gemm_kernel, configs=at.GEMM,
-                    ptrs={"b_ptr": "fp32", "c_ptr": "fp32"}, meta=dict(HAS_SCALE=True, **common)))
-    out.append(dict(name="gemm (t, dV)", kernel=gemm.gemm_kernel, configs=at.GEMM,
-                    ptrs={"c_ptr": "fp32"}, meta=dict(HAS_SCALE=False, **common)))
+                    ptrs={"b_ptr": "fp32", "c_ptr": "fp32"}, meta=dict(HAS_SCALE=True, **common),
+                    unit=("stride_am", "stride_bn", "stride_cn")))
+    out.append(dict(name="gemm (t = x·Vᵀ)", kernel=gemm.gemm_kernel, configs=at.GEMM,
+                    ptrs={"c_ptr": "fp32"}, meta=dict(HAS_SCALE=False, **common),
+                    unit=("stride_ak", "stride_bk", "stride_cn")))
+    out.append(dict(name="gemm (dV = hᵀ·x)", kernel=gemm.gemm_kernel, configs=at.GEMM,
+                    ptrs={"c_ptr": "fp32"}, meta=dict(HAS_SCALE=False, **common),
+                    unit=("stride_am", "stride_bn", "stride_cn")))
     for block_m in (16, 64):
         out.append(dict(name=f"decode_shrink m{block_m}", kernel=decode.decode_shrink_kernel,
                         configs=at.DECODE_SHRINK, ptrs={"t_ptr": "fp32"},
-                        meta=dict(BLOCK_M=block_m, **common)))
+                        meta=dict(BLOCK_M=block_m, **common),
+                        unit=("stride_xk", "stride_vk", "stride_tr")))
     return out
 
 
-def compile_config(kernel, cfg, meta: dict, ptrs: dict, dtype: str, arch: int) -> dict:
-    """Compile one config for ``sm_<arch>``; returns smem, registers and spills."""
+def compile_config(kernel, cfg, meta: dict, ptrs: dict, dtype: str, arch: int,
+                   unit: tuple[str, ...] = ()) -> dict:
+    """Compile one config for ``sm_<arch>`` as a real launch would specialise it: the
+    ``unit`` strides are the constant 1, pointers and other integers are assumed
+    16-aligned (as for contiguous tensors with dims that are multiples of 16). Returns
+    smem, registers and spills."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     jit = kernel.fn
-    constexprs = {**meta, **cfg.kwargs}
+    constexprs = {**meta, **cfg.kwargs, **{name: 1 for name in unit}}
     signature = {}
-    for name in jit.arg_names:
+    attrs = {}
+    for index, name in enumerate(jit.arg_names):
+        if name not in constexprs and name not in FLOAT_ARGS:
+            attrs[(index,)] = [["tt.divisibility", 16]]
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
@@ -90,7 +109,7 @@ def compile_config(kernel, cfg, meta: dict, ptrs: dict, dtype: str, arch: int) -
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(
-            ASTSource(jit, signature, constexprs=constexprs),
+            ASTSource(jit, signature, constexprs=constexprs, attrs=attrs),
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     text = log.getvalue()
@@ -135,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                        "kept_by_estimate": kept}
                 try:
                     row.update(compile_config(case["kernel"], cfg, case["meta"], case["ptrs"],
-                                              dtype, arch))
+                                              dtype, arch, case.get("unit", ())))
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     row["error"] = f"{type(exc).__name__}: {exc}"[:400]
                 rows.append(row)

@@ -164,6 +164,15 @@ def test_decode_path_up_to_its_limit(monkeypatch, record_kernels):
     assert record_kernels[0] == "decode_shrink_kernel"
 
 
+def test_fused_or_split_model():
+    """The roofline model picks the fused kernel for narrow layers, the split path where
+    recomputing t per output group would outweigh t's round trip."""
+    assert tb._fused_is_cheaper(130, 45, 37, 200)
+    assert tb._fused_is_cheaper(1024, 1024, 1024, 64)
+    assert not tb._fused_is_cheaper(8192, 4096, 4096, 256)
+    assert not tb._fused_is_cheaper(100, 45, 37, tb.FUSED_MAX_R + 1)
+
+
 def test_large_split_rank_natural_threshold():
     """r = 300 > 256 without patching: the real split path (BLOCK_R slices of 256)."""
     inputs = make_inputs((70,), 20, 24, 300, torch.float32, DEVICE, teacher=True)
@@ -364,9 +373,10 @@ def test_interpreter_works_when_triton_was_imported_first():
 
 GPU_SHAPES = [
     pytest.param(16, 4096, 4096, 256, id="decode-4096-r256"),
-    pytest.param(1000, 1024, 4096, 64, id="fused-1024x4096-r64"),
-    pytest.param(2048, 4096, 1024, 256, id="fused-4096x1024-r256"),
+    pytest.param(1000, 1024, 4096, 64, id="fused-1024to4096-r64"),
+    pytest.param(2048, 4096, 1024, 256, id="split-4096to1024-r256"),
     pytest.param(777, 2048, 2048, 1024, id="split-2048-r1024"),
+    pytest.param(4096, 4096, 4096, 256, id="split-4096-r256"),
     pytest.param(333, 1000, 1500, 200, id="odd"),
 ]
 

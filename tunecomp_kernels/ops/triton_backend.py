@@ -11,15 +11,23 @@ Forward paths (chosen per call from N and r):
 * **decode**, ``N <= DECODE_MAX_N``: split-K shrink ``t = x·Vᵀ`` (reads V once across the
   whole GPU), then the expand kernel: ``y = a·x·W0ᵀ + (t ⊙ s·mask)·Uᵀ + s·b + a·b0`` in
   one accumulator.
-* **fused**, ``r <= FUSED_MAX_R`` (256): one kernel; x is read once per output tile and
-  feeds both ``t`` (kept in registers) and the teacher tile; ``t ⊙ s·mask`` goes through
-  one extra ``tl.dot`` into the same accumulator.
-* **split**, ``r > FUSED_MAX_R``: split at the small ``[N, r]`` tensor: a GEMM writes t,
-  then the expand kernel as in decode. Past 256 ranks a ``[BLOCK_M, r]`` fp32 tile no
-  longer fits in registers next to the accumulator (256 ranks x 128 rows is already
-  128 KB), and recomputing t per output tile would cost ``r / BLOCK_N`` times the
-  teacher GEMM. The threshold is the register limit, not a measurement: no GPU was
-  available when this was written (see bench/kernels.py to measure it).
+* **fused**, ``r <= FUSED_MAX_R`` (256) and out narrow enough (below): one kernel; x is
+  read once per output tile and feeds both ``t`` (kept in registers) and the teacher
+  tile; ``t ⊙ s·mask`` goes through one extra ``tl.dot`` into the same accumulator.
+* **split**, otherwise: split at the small ``[N, r]`` tensor: a GEMM writes t, then the
+  expand kernel as in decode (teacher, mask, U and biases in one accumulator).
+
+Choosing between them. Past 256 ranks a ``[BLOCK_M, r]`` fp32 tile no longer fits in
+registers next to the accumulator (ptxas spills; ``python -m bench.compile_check``).
+Below that, the fused kernel still recomputes t once per group of output tiles (one
+group spans ``FUSED_OUT_SPAN`` = 256 columns at most), i.e. ``ceil(out / 256) - 1``
+extra ``2·N·in·r``-FLOP GEMMs, while the split path pays a round trip of t
+(``8·N·r`` bytes) and one more launch. :func:`_fused_is_cheaper` compares the two on
+the H200 roofline (DESIGN §6 figures derated to 700 TFLOP/s and 3.5 TB/s, plus 4 µs per
+launch): the fused kernel wins for narrow layers and small r·N, the split path for
+wide ones (e.g. in = out = 4096 at r = 256, where the fused kernel would do 15 extra
+t GEMMs, more than the teacher GEMM itself). This is a model, not a measurement: no
+GPU was available when it was written; ``python -m bench.kernels`` measures both.
 
 Save t or recompute it: the contract saves ``t = x·Vᵀ`` ([N, r], fp32 for half inputs)
 and this backend keeps that choice. Recomputing t in backward costs a full ``2·N·in·r``
@@ -69,6 +77,12 @@ from .triton_kernels.gemm import gemm_kernel
 
 #: Largest rank served by the fully fused forward kernel (t held in registers).
 FUSED_MAX_R = 256
+#: Widest span of output columns one fused-forward program covers (BLOCK_N·OUT_TILES).
+FUSED_OUT_SPAN = 256
+#: Roofline model of the fused-vs-split choice (H200 figures of DESIGN §6, derated).
+MODEL_FLOPS = 700e12
+MODEL_BANDWIDTH = 3.5e12
+MODEL_LAUNCH_S = 4e-6
 #: Largest row count served by the decode path (split-K shrink + expand).
 DECODE_MAX_N = 64
 #: dU is fused into the backward dy kernel only up to this many rows and ranks. Each
@@ -78,6 +92,18 @@ DECODE_MAX_N = 64
 #: registers on sm_90 (ptxas, ``python -m bench.compile_check``).
 FUSE_DU_MAX_N = 64
 FUSE_DU_MAX_R = 128
+
+
+def _fused_is_cheaper(n: int, k: int, out_f: int, r: int) -> bool:
+    """Fused forward vs split (t GEMM + expand) on the roofline model: the fused kernel's
+    t recomputation ``(ceil(out / FUSED_OUT_SPAN) - 1)·2·N·in·r`` FLOPs against the
+    split's t round trip ``8·N·r`` bytes plus one launch."""
+    if r > FUSED_MAX_R:
+        return False
+    groups = triton.cdiv(out_f, FUSED_OUT_SPAN)
+    recompute_s = (groups - 1) * 2 * n * k * r / MODEL_FLOPS
+    split_s = 8 * n * r / MODEL_BANDWIDTH + MODEL_LAUNCH_S
+    return recompute_s <= split_s
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -217,7 +243,7 @@ def forward(
     w0 = teacher_weight if has_teacher else None
     b0 = teacher_bias.contiguous() if has_teacher and teacher_bias is not None else None
 
-    if n <= DECODE_MAX_N or r > FUSED_MAX_R:
+    if n <= DECODE_MAX_N or not _fused_is_cheaper(n, k, out_f, r):
         t = (_shrink_decode(x2, V, out_f) if n <= DECODE_MAX_N
              else _gemm(x2, V.t(), x2, at.n_bucket(n), r, k))
         _expand(y, t, U.t(), x2, mask=mask, scale1=student_scale,

@@ -145,7 +145,7 @@ def fused_forward_registers(c: triton.Config, meta: dict) -> float:
     k = c.kwargs
     block_r = int(meta.get("BLOCK_R", 64))
     acc = k["BLOCK_M"] * (block_r + k["BLOCK_N"]) / (32 * c.num_warps)
-    return acc + (k["BLOCK_K"] - 32) + (32 if k["OUT_TILES"] > 1 else 0)
+    return acc + (k["BLOCK_K"] - 32) + (16 * k["OUT_TILES"] if k["OUT_TILES"] > 1 else 0)
 
 
 def dy_registers(c: triton.Config, meta: dict) -> float:
