@@ -112,6 +112,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- tunecomp compress ------------------------------------------------------------------
+
+def _compress_args(parser: argparse.ArgumentParser) -> None:
+    from .tasks.compress_job import add_arguments
+
+    add_arguments(parser)
+
+
+@command("compress", "fine-tune a text classifier and compress it in the same run (TuneComp)")(
+    _compress_args)
+def _compress(args: argparse.Namespace) -> int:
+    from .tasks.compress_job import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunecomp",

