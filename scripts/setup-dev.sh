@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install tunecomp_kernels with its dev, demo and Triton extras.
+# Create .venv and install tunecomp_kernels with its dev, demo, Triton and Lightning extras.
 #
 # TORCH_SPEC picks the torch to install first (default: the pinned CPU build this
 # project is developed and tested with). GPU users: install your CUDA torch into
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-EXTRAS=${EXTRAS:-dev,demo,triton}
+EXTRAS=${EXTRAS:-dev,demo,triton,lightning}
 
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
