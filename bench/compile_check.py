@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             for cfg in configs:
                 kept = None
                 if case.get("registers"):
-                    kept = case["registers"](cfg, case["meta"]) <= case["budget"]
+                    limit = case["budget"][0] if arch >= 90 else case["budget"][1]
+                    kept = case["registers"](cfg, case["meta"]) <= limit
                 row = {"arch": f"sm_{arch}", "case": case["name"], "config": dict(cfg.kwargs),
                        "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                        "kept_by_estimate": kept}

@@ -296,7 +296,8 @@ def test_autotune_switch_and_int32_guard(monkeypatch):
     prune = at.make_pruner(at.FUSED_FORWARD, at.for_sm80(at.FUSED_FORWARD),
                            at.fused_forward_registers, at.FUSED_FORWARD_BUDGET)
     kept = prune(at.FUSED_FORWARD, {}, BLOCK_R=256)
-    assert kept and all(c.kwargs["BLOCK_M"] <= 64 for c in kept)
+    assert kept and all(at.fused_forward_registers(c, {"BLOCK_R": 256}) <= 160 for c in kept)
+    assert not any(c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] == 128 for c in kept)
     assert len(prune(at.FUSED_FORWARD, {}, BLOCK_R=16)) > len(kept)
     # offsets past int32 go to the reference path
     assert tb._int32_indexable(4096, 4096, 4096, 256)

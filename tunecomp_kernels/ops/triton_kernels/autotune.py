@@ -90,14 +90,19 @@ RegisterEstimate = Callable[[triton.Config, dict], float]
 
 
 def make_pruner(sm90: Sequence[triton.Config], sm80: Sequence[triton.Config],
-                registers: RegisterEstimate | None = None, budget: float = 96.0):
+                registers: RegisterEstimate | None = None,
+                budget: tuple[float, float] = (160.0, 96.0)):
     """An ``early_config_prune`` hook: keep the configs written for the tensors' GPU
     (sm_90 list on sm_90+, sm_80 list below), then, given a per-kernel ``registers``
-    estimate (fp32 accumulator registers per thread, from the call's constexprs such as
-    ``BLOCK_R``), drop the configs over ``budget``. The estimates were fitted to the
-    ptxas spill reports of ``python -m bench.compile_check`` (sm_90, Triton 3.9, no GPU
-    needed): configs over the budget spilled registers, those under it did not. They
-    are static facts, not timings. At least one config is always kept."""
+    estimate (fp32 accumulator values per thread, from the call's constexprs such as
+    ``BLOCK_R``), drop the configs over ``budget`` = (sm_90+, sm_80) limits.
+
+    The estimates and budgets were fitted to the ptxas reports of
+    ``python -m bench.compile_check`` (Triton 3.9; bench/results/compile-*.json): on
+    sm_90 configs under the budget compiled without spills, those over it spilled. They
+    only save tuning time on configs that would spill; they are compile-time facts, not
+    timings, and the autotuner still times whatever is kept. At least one config is
+    always kept."""
     sigs90 = {_signature(c) for c in sm90}
     sigs80 = {_signature(c) for c in sm80}
 
@@ -105,11 +110,13 @@ def make_pruner(sm90: Sequence[triton.Config], sm80: Sequence[triton.Config],
               **kwargs: object) -> list[triton.Config]:
         configs_ = list(configs_)
         cap = _capability(named_args)
-        wanted = sigs80 if cap is not None and cap < (9, 0) else sigs90
+        older = cap is not None and cap < (9, 0)
+        wanted = sigs80 if older else sigs90
         kept = [c for c in configs_ if _signature(c) in wanted] or configs_
         if registers is not None:
             meta = {**named_args, **kwargs}
-            fitting = [c for c in kept if registers(c, meta) <= budget]
+            limit = budget[1] if older else budget[0]
+            fitting = [c for c in kept if registers(c, meta) <= limit]
             kept = fitting or [min(kept, key=lambda c: registers(c, meta))]
         return kept
 
@@ -118,7 +125,8 @@ def make_pruner(sm90: Sequence[triton.Config], sm80: Sequence[triton.Config],
 
 def autotune(gpu_configs: Sequence[triton.Config], interpreter_config: triton.Config,
              key: Sequence[str] = tuple(TUNE_KEY), reset_to_zero: Sequence[str] | None = None,
-             registers: RegisterEstimate | None = None, budget: float = 96.0):
+             registers: RegisterEstimate | None = None,
+             budget: tuple[float, float] = (160.0, 96.0)):
     """``triton.autotune`` over ``gpu_configs`` (sm_90) plus their sm_80 variants, with the
     given key, the pruning of :func:`make_pruner`, and one config under the interpreter.
 
@@ -140,38 +148,36 @@ def autotune(gpu_configs: Sequence[triton.Config], interpreter_config: triton.Co
 
 
 def fused_forward_registers(c: triton.Config, meta: dict) -> float:
-    """Fused forward: t [BM, BLOCK_R] and the accumulator [BM, BN] in fp32 per thread,
-    plus the cost of wider K steps and of holding t across further output tiles."""
+    """Fused forward: t [BLOCK_M, BLOCK_R] and the accumulator [BLOCK_M, BLOCK_N], fp32
+    values per thread."""
     k = c.kwargs
     block_r = int(meta.get("BLOCK_R", 64))
-    acc = k["BLOCK_M"] * (block_r + k["BLOCK_N"]) / (32 * c.num_warps)
-    return acc + (k["BLOCK_K"] - 32) + (16 * k["OUT_TILES"] if k["OUT_TILES"] > 1 else 0)
+    return k["BLOCK_M"] * (block_r + k["BLOCK_N"]) / (32 * c.num_warps)
 
 
 def dy_registers(c: triton.Config, meta: dict) -> float:
-    """dy kernel: g [BM, BLOCK_R] fp32, the U tile [BLOCK_O, BLOCK_R] and the dy tile per
-    thread; the fused dU adds the ``t·mask`` operand and the [BLOCK_O, BLOCK_R] fp32
-    partial (weighted x2: it is live next to the dot that produces it)."""
+    """dy kernel: g [BLOCK_M, BLOCK_R] fp32 values per thread; the fused dU adds its
+    [BLOCK_O, BLOCK_R] fp32 partial and the 16-bit ``t·mask`` operand."""
     k = c.kwargs
     bm, bo = k["BLOCK_M"], k["BLOCK_O"]
     block_r = int(meta.get("BLOCK_R", 64))
-    threads = 32 * c.num_warps
-    regs = (bm * block_r + bo * block_r / 2 + bm * bo / 2) / threads
+    regs = bm * block_r
     if meta.get("FUSE_DU", False):
-        regs += (bm * block_r + 2 * bo * block_r) / threads
-    return regs
+        regs += bo * block_r + bm * block_r / 2
+    return regs / (32 * c.num_warps)
 
 
-DY_BUDGET = 104.0
-FUSED_FORWARD_BUDGET = 96.0
+#: (sm_90+, sm_80) register budgets for the estimates above.
+FUSED_FORWARD_BUDGET = (160.0, 96.0)
+DY_BUDGET = (120.0, 96.0)
 
 # --- config tables ------------------------------------------------------------------
-# Every GPU config below compiles for sm_90 and sm_80 within shared memory, and the
-# register estimates above keep the ones that ptxas reports spill-free for the call's
-# BLOCK_R (``python -m bench.compile_check``). None of them has been timed on a GPU.
+# Every GPU config below compiles for sm_90 and (as its 3-stage variant) sm_80 within
+# shared memory (``python -m bench.compile_check``); the register estimates above drop
+# the ones ptxas reports spilling for the call's BLOCK_R. None has been timed on a GPU.
 
 #: Fused forward (t kept on chip): the [BLOCK_M, BLOCK_R] fp32 t lives in registers next
-#: to the accumulator, so wide r wants BLOCK_M = 64 with 8 warps and BLOCK_K = 32.
+#: to the accumulator, so wide r wants BLOCK_M = 64 with 8 warps.
 FUSED_FORWARD = [
     _cfg(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, OUT_TILES=1),
     _cfg(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, OUT_TILES=1),
