@@ -258,6 +258,8 @@ def environment(device: str) -> dict:
     else:
         info["device_name"] = platform.processor() or platform.machine()
         info["cpu_threads"] = torch.get_num_threads()
+    info["tuning_env"] = {k: v for k, v in os.environ.items()
+                          if k.startswith(("TUNECOMP_", "TRITON_"))}
     if hasattr(os, "getloadavg"):  # a shared machine: say how busy it was
         info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
     return info

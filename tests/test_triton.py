@@ -292,6 +292,8 @@ def test_autotune_switch_and_int32_guard(monkeypatch):
     assert at.configs(at.GEMM, at.GEMM_INTERP) == at.GEMM[:1]
     monkeypatch.setenv("TUNECOMP_TRITON_AUTOTUNE", "1")
     assert at.configs(at.GEMM, at.GEMM_INTERP) == at.GEMM
+    monkeypatch.setenv("TUNECOMP_TRITON_MAX_CONFIGS", "3")
+    assert at.configs(at.GEMM, at.GEMM_INTERP) == at.GEMM[:3]
     # fused forward at r = 256 keeps only configs whose estimate fits the budget
     prune = at.make_pruner(at.FUSED_FORWARD, at.for_sm80(at.FUSED_FORWARD),
                            at.fused_forward_registers, at.FUSED_FORWARD_BUDGET)

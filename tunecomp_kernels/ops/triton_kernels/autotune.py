@@ -14,7 +14,8 @@ device's resources fail to compile and Triton's autotuner discards them.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) every kernel gets exactly one small config, so
 nothing is benchmarked and the interpreter runs as few programs as possible. With
-``TUNECOMP_TRITON_AUTOTUNE=0`` every kernel runs the first config of its table.
+``TUNECOMP_TRITON_AUTOTUNE=0`` every kernel runs the first config of its table; with
+``TUNECOMP_TRITON_MAX_CONFIGS=n`` it is tuned over the first n only.
 """
 
 from __future__ import annotations
@@ -54,12 +55,22 @@ def autotuning_enabled() -> bool:
     return os.environ.get("TUNECOMP_TRITON_AUTOTUNE", "1") != "0"
 
 
+def max_configs() -> int | None:
+    """``TUNECOMP_TRITON_MAX_CONFIGS=n``: tune over at most the first n configs of each
+    table (they are ordered most promising first), to bound tuning time in short runs."""
+    value = os.environ.get("TUNECOMP_TRITON_MAX_CONFIGS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def configs(gpu: Sequence[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
     """The GPU config list; the single interpreter config under ``TRITON_INTERPRET=1``;
-    only the first GPU config when autotuning is switched off."""
+    only the first GPU config when autotuning is switched off; at most
+    ``TUNECOMP_TRITON_MAX_CONFIGS`` of them when that is set."""
     if interpreting():
         return [interpreter]
-    return list(gpu) if autotuning_enabled() else list(gpu)[:1]
+    if not autotuning_enabled():
+        return list(gpu)[:1]
+    return list(gpu)[:max_configs()]
 
 
 def _capability(named_args: dict) -> tuple[int, int] | None:
@@ -133,12 +144,13 @@ def autotune(gpu_configs: Sequence[triton.Config], interpreter_config: triton.Co
     ``reset_to_zero`` names the outputs that a kernel accumulates into atomically: the
     autotuner zeroes them before each timed run and once more before the real one.
     """
-    sm80 = for_sm80(gpu_configs)
-    sigs = {_signature(c) for c in gpu_configs}
-    every = list(gpu_configs) + [c for c in sm80 if _signature(c) not in sigs]
-    chosen = configs(every, interpreter_config)
-    prune = None if len(chosen) == 1 else {
-        "early_config_prune": make_pruner(gpu_configs, sm80, registers, budget)}
+    chosen = configs(gpu_configs, interpreter_config)
+    prune = None
+    if len(chosen) > 1:
+        sm90, sm80 = chosen, for_sm80(chosen)
+        sigs = {_signature(c) for c in sm90}
+        chosen = sm90 + [c for c in sm80 if _signature(c) not in sigs]
+        prune = {"early_config_prune": make_pruner(sm90, sm80, registers, budget)}
     return triton.autotune(
         configs=chosen,
         key=list(key),
