@@ -1,9 +1,11 @@
 """Autotuning policy shared by the Triton kernels: configs, keys, interpreter mode.
 
-Every tuned kernel is keyed on ``(N_BUCKET, K, O, R)`` plus the dtypes of its tensor
-arguments (``triton.autotune`` appends those itself), where ``N_BUCKET`` is the row
-count rounded up to a power of two (capped at 16384) so that a training run whose batch
-size wobbles does not re-tune on every new N.
+Every tuned kernel is keyed on ``(N_BUCKET, K, O, R)`` (for the generic GEMM/expand
+kernels: their own dims, which map onto those) plus the dtypes of its tensor arguments
+(``triton.autotune`` appends those itself) and the variant flags that change its work
+(teacher on/off, fused dU, fp32 dot precision). ``N_BUCKET`` is the row count rounded
+up to a power of two (capped at 16384), so that a training run whose batch size wobbles
+does not re-tune on every new N.
 
 Config lists are written for sm_90 (H100/H200: 228 KB shared memory, 3-4 stage
 pipelines, 8 warps for the tiles that hold a whole rank slice); their sm_80 variants
@@ -26,12 +28,18 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import triton
 
-#: Key of the layer-shaped kernels (dtypes are appended by triton.autotune itself).
-TUNE_KEY = ["N_BUCKET", "K", "O", "R"]
+#: Key of the layer-shaped kernels (dtypes are appended by triton.autotune itself; the
+#: fp32 dot precision, ieee or tf32, changes the best tile too).
+TUNE_KEY = ["N_BUCKET", "K", "O", "R", "PRECISION"]
 #: Key of the generic kernels (GEMM, expand): their own problem dims, with the row-count
 #: dim bucketed by the launcher. Each maps onto (N bucket, in, out, r) of the layer.
-GEMM_KEY = ["KEY_M", "KEY_N", "KEY_K"]
-EXPAND_KEY = ["KEY_M", "KEY_N", "KEY_K", "KEY_R"]
+GEMM_KEY = ["KEY_M", "KEY_N", "KEY_K", "PRECISION"]
+#: The expand kernel is tuned apart with and without its dense (teacher) term.
+EXPAND_KEY = ["KEY_M", "KEY_N", "KEY_K", "KEY_R", "HAS_SECOND", "PRECISION"]
+#: The fused forward kernel: with and without the teacher.
+FUSED_FORWARD_KEY = [*TUNE_KEY, "HAS_TEACHER"]
+#: The dy kernel: with and without the fused dU.
+DY_KEY = [*TUNE_KEY, "FUSE_DU"]
 
 
 def interpreting() -> bool:

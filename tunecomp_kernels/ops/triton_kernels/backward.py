@@ -32,7 +32,8 @@ from . import autotune as at
 from .common import col_sum, dot_operand, load_tile
 
 
-@at.autotune(at.DY, at.DY_INTERP, reset_to_zero=["du_ptr", "dmask_ptr", "dbias_ptr"],
+@at.autotune(at.DY, at.DY_INTERP, key=at.DY_KEY,
+             reset_to_zero=["du_ptr", "dmask_ptr", "dbias_ptr"],
              registers=at.dy_registers, budget=at.DY_BUDGET)
 @triton.jit
 def dy_kernel(

@@ -51,8 +51,8 @@ def _finish_tile(acc, ts, offs_m, offs_o, m_ok, o_ok, offs_r, r_ok,
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & o_ok[None, :])
 
 
-@at.autotune(at.FUSED_FORWARD, at.FUSED_FORWARD_INTERP, registers=at.fused_forward_registers,
-             budget=at.FUSED_FORWARD_BUDGET)
+@at.autotune(at.FUSED_FORWARD, at.FUSED_FORWARD_INTERP, key=at.FUSED_FORWARD_KEY,
+             registers=at.fused_forward_registers, budget=at.FUSED_FORWARD_BUDGET)
 @triton.jit
 def fused_forward_kernel(
     x_ptr, v_ptr, u_ptr, mask_ptr, bias_ptr, w0_ptr, b0_ptr, y_ptr, t_ptr,
