@@ -241,6 +241,17 @@ def print_table(res: ShapeResult, dtype: torch.dtype) -> None:
         print(f"  {key}: {fmt(value)}")
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict:
     info = {
         "torch": torch.__version__, "python": platform.python_version(),
@@ -256,7 +267,7 @@ def environment(device: str) -> dict:
         info["device_name"] = torch.cuda.get_device_name()
         info["capability"] = list(torch.cuda.get_device_capability())
     else:
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = _cpu_name()
         info["cpu_threads"] = torch.get_num_threads()
     info["tuning_env"] = {k: v for k, v in os.environ.items()
                           if k.startswith(("TUNECOMP_", "TRITON_"))}

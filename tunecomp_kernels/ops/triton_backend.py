@@ -3,10 +3,11 @@
 The kernels live in :mod:`tunecomp_kernels.ops.triton_kernels`; this module picks a path,
 allocates outputs and launches them through ``torch.library.wrap_triton``, so that
 ``torch.compile`` traces into the kernels while an eager call crosses exactly one op
-boundary (the ``triton_op`` itself). Shapes: x ``[..., in]`` viewed as ``[N, K]``,
-U ``[O, r]``, mask ``[r]``, V ``[r, K]``, W0 ``[O, K]``.
+boundary (the ``triton_op`` itself). Under ``TRITON_INTERPRET=1`` the same functions
+are registered as opaque ``custom_op``s instead (see the note at ``OPS``). Shapes: x
+``[..., in]`` viewed as ``[N, K]``, U ``[O, r]``, mask ``[r]``, V ``[r, K]``, W0 ``[O, K]``.
 
-Forward paths (chosen per call from N and r):
+Forward paths (chosen per call from N, in, out and r):
 
 * **decode**, ``N <= DECODE_MAX_N``: split-K shrink ``t = x·Vᵀ`` (reads V once across the
   whole GPU), then the expand kernel: ``y = a·x·W0ᵀ + (t ⊙ s·mask)·Uᵀ + s·b + a·b0`` in
