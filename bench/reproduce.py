@@ -195,12 +195,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
+def complete_seeds(runs: list[dict], plan: list[dict]) -> list[int]:
+    """Seeds whose planned runs have all finished (the table uses only these, so every
+    row averages over the same seeds)."""
+    done = {run_key(r["spec"]) for r in runs}
+    seeds = sorted({s["seed"] for s in plan})
+    return [seed for seed in seeds
+            if all(run_key(s) in done for s in plan if s["seed"] == seed)]
+
+
+def aggregate(runs: list[dict], seeds: list[int] | None = None) -> list[dict]:
     phase1 = {r["spec"]["seed"]: r for r in runs if r["spec"]["method"] == "seq_a_phase1"}
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         spec = r["spec"]
         if spec["method"] == "seq_a_phase1":
+            continue
+        if seeds is not None and spec["seed"] not in seeds:
             continue
         r = dict(r)
         if spec["method"] == "seq_a" and spec["seed"] in phase1:
@@ -254,7 +265,8 @@ def goals(rows: list[dict]) -> list[str]:
 
 def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, plan: list[dict],
                   started: float) -> None:
-    rows = aggregate(runs)
+    seeds = complete_seeds(runs, plan)
+    rows = aggregate(runs, seeds)
     done = {run_key(r["spec"]) for r in runs}
     pending = [run_key(s) for s in plan if run_key(s) not in done]
     meta = {
@@ -269,6 +281,7 @@ def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, plan: l
             (s["joint"] for s in plan if "joint" in s), None),
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
+        "complete_seeds": seeds,
         "pending_runs": pending,
         "elapsed_s": time.time() - started,
     }
@@ -292,6 +305,8 @@ def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, plan: l
     g = goals(rows)
     if g:
         text += "\nGoals (on the mean test accuracy):\n\n" + "\n".join(f"- {x}" for x in g) + "\n"
+    text = (f"Seeds in the table: {', '.join(map(str, seeds)) or 'none complete yet'} "
+            f"(a seed counts once all its runs have finished).\n\n") + text
     if pending:
         text += f"\nNot run (yet): {', '.join(pending)}\n"
     with open(f"{out}.md", "w", encoding="utf-8") as fh:

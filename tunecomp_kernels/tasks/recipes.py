@@ -10,7 +10,7 @@ JOINT_DEFAULTS: dict = {
     "lr": 1e-4,
     "init": "svd",
     "init_rank_ratio": 0.75,
-    "blend": "sine_power",
+    "blend": "sine_affine",
     "blend_fraction": 0.5,  # T = blend_fraction · steps; the budget is met at T too
     "l1_lambda": 1e-4,
     "distill": "none",

@@ -114,6 +114,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     seed: int = 0
+    mask_lr_scale: float = 1.0  # TuneComp rank masks train at lr · mask_lr_scale
 
 
 Callback = Callable[[int, dict[str, Any]], None]
@@ -123,7 +124,8 @@ def _train(model: nn.Module, stream, steps: int, settings: TrainSettings, *,
            controller=None, callback: Callback | None = None):
     from ..compress.training import train
 
-    optimizer = tc.make_optimizer(model, settings.lr, settings.weight_decay)
+    optimizer = tc.make_optimizer(model, settings.lr, settings.weight_decay,
+                                  mask_lr=settings.lr * settings.mask_lr_scale)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, tc.linear_schedule(steps, settings.warmup_ratio))
     return train(model, optimizer, stream, controller=controller, steps=steps,

@@ -429,18 +429,26 @@ def linear_schedule(steps: int, warmup_ratio: float = 0.06):
     return factor
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01):
-    """AdamW with no weight decay on biases, LayerNorms and masks."""
-    decay, no_decay = [], []
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.01,
+                   mask_lr: float | None = None):
+    """AdamW with no weight decay on biases, LayerNorms and masks; the rank masks of
+    ``MaskedLowRankLinear`` layers get their own learning rate ``mask_lr`` (default ``lr``)."""
+    decay, no_decay, masks = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name.endswith(".mask"):
+        if name.endswith(".mask") and p.ndim == 1:
+            masks.append(p)
+        elif p.ndim < 2:
             no_decay.append(p)
         else:
             decay.append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if masks:
+        groups.append({"params": masks, "weight_decay": 0.0,
+                       "lr": lr if mask_lr is None else mask_lr})
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 # --- evaluation ----------------------------------------------------------------------------
