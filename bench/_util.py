@@ -88,6 +88,41 @@ def peak_rss_mib() -> float:
     return kib / 1024.0
 
 
+def trim_heap() -> bool:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), so that memory a
+    set-up phase freed is not counted as resident afterwards. False where unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (``VmHWM``; Linux: write 5 to
+    ``/proc/self/clear_refs``). Returns False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_mib() -> float | None:
+    """``VmHWM`` of this process, MiB: the peak RSS since :func:`reset_peak_rss`."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def current_rss_mib() -> float:
     """Resident set size now, MiB (``/proc/self/statm``; falls back to the peak)."""
     try:

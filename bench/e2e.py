@@ -51,6 +51,7 @@ train_joint@0.5,train_after@1.0,train_after_compact@1.0,infer_dense,infer_compre
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -63,9 +64,13 @@ from _util import (  # noqa: E402
     RESULTS,
     current_rss_mib,
     environment,
+    interleaved,
     median,
     peak_rss_mib,
+    peak_rss_since_reset_mib,
+    reset_peak_rss,
     set_threads,
+    trim_heap,
     write_json,
 )
 
@@ -139,7 +144,10 @@ def time_training(model, batch, steps: int, controller=None) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-5)
     model.train()
     step_times, controller_times = [], []
+    gc.collect()
+    trim_heap()  # memory the set-up freed (dense weights, SVD temporaries) is not resident
     rss_before = current_rss_mib()
+    hwm_reset = reset_peak_rss()  # from here on the peak belongs to the training steps
     for _ in range(steps):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -163,6 +171,8 @@ def time_training(model, batch, steps: int, controller=None) -> dict:
         "tokens_per_s": tokens / median(timed),
         "controller_step_s": median(controller_times[1:] or controller_times),
         "rss_before_training_mib": rss_before,
+        # peak RSS of the training steps alone (set-up such as prepare's SVDs excluded)
+        "train_peak_rss_mib": peak_rss_since_reset_mib() if hwm_reset else None,
         "trainable_params": sum(p.numel() for p in params),
         "params_total": sum(p.numel() for p in model.parameters()),
         "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
@@ -198,10 +208,43 @@ def compressed_copy(model):
     return model
 
 
+def setup_training(model, method: str, init_rank_ratio: float, result: dict):
+    """Bring a freshly built model into the state ``method`` measures; returns the
+    controller to step (or None)."""
+    controller = None
+    if method == "train_joint":
+        from tunecomp_kernels.compress import TuneCompConfig, prepare
+
+        cfg = TuneCompConfig(target_ratio=TARGET_RATIO, init_rank_ratio=init_rank_ratio,
+                             blend_steps=2 * MID_BLEND, total_steps=4 * MID_BLEND)
+        controller = prepare(model, cfg)
+        for _ in range(MID_BLEND):
+            controller.step()
+        result["alpha"] = controller.alpha
+    elif method in ("train_after", "train_after_compact"):
+        controller = bring_to_budget(model, init_rank_ratio)
+        result["ratio"] = controller.ratio
+        if method == "train_after_compact":
+            from tunecomp_kernels import MaskedLowRankLinear
+            from tunecomp_kernels.compress import finalize
+
+            finalize(model)
+            for m in model.modules():
+                if isinstance(m, MaskedLowRankLinear):
+                    m.mask.requires_grad_(True)
+            controller = None
+    if controller is not None:
+        result["stored_ranks"] = sum(m.rank for m in controller.layers.values())
+        result["active_ranks"] = sum(controller.active_ranks().values())
+    return controller
+
+
 def run_worker(spec: dict) -> dict:
     import torch
 
     set_threads(spec["threads"])
+    if spec["method"] == "interleaved":
+        return run_interleaved(spec)
     rss_start = current_rss_mib()
     model, vocab, kind = build_model(spec["model"])
     rss_model = current_rss_mib()
@@ -211,33 +254,10 @@ def run_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     if method in TRAIN_METHODS:
         batch = make_batch(vocab, kind, spec["batch"], spec["seq"])
-        controller = None
-        if method == "train_joint":
-            from tunecomp_kernels.compress import TuneCompConfig, prepare
-
-            cfg = TuneCompConfig(target_ratio=TARGET_RATIO,
-                                 init_rank_ratio=spec["init_rank_ratio"],
-                                 blend_steps=2 * MID_BLEND, total_steps=4 * MID_BLEND)
-            controller = prepare(model, cfg)
-            for _ in range(MID_BLEND):
-                controller.step()
-            result["alpha"] = controller.alpha
-        elif method in ("train_after", "train_after_compact"):
-            controller = bring_to_budget(model, spec["init_rank_ratio"])
-            result["ratio"] = controller.ratio
-            if method == "train_after_compact":
-                from tunecomp_kernels import MaskedLowRankLinear
-                from tunecomp_kernels.compress import finalize
-
-                finalize(model)
-                for m in model.modules():
-                    if isinstance(m, MaskedLowRankLinear):
-                        m.mask.requires_grad_(True)
-                controller = None
+        controller = setup_training(model, method, spec.get("init_rank_ratio", 1.0), result)
+        if spec.get("grad_ckpt"):
+            model.gradient_checkpointing_enable()
         result["setup_s"] = time.perf_counter() - t0
-        if controller is not None:
-            result["stored_ranks"] = sum(m.rank for m in controller.layers.values())
-            result["active_ranks"] = sum(controller.active_ranks().values())
         result.update(time_training(model, batch, spec["steps"], controller))
     else:
         if method in ("infer_compressed", "infer_compiled"):
@@ -252,6 +272,78 @@ def run_worker(spec: dict) -> dict:
     result["peak_rss_mib"] = peak_rss_mib()
     result["torch_threads"] = torch.get_num_threads()
     return result
+
+
+def run_interleaved(spec: dict) -> dict:
+    """Every method's model in this one process; training steps (and inference calls)
+    timed round-robin with a rotating order, ``spec["repeats"]`` times each. The ratios
+    are medians of per-repetition ratios, so load changes on a shared machine cancel."""
+    import torch
+
+    out: dict = {"spec": spec}
+    train_labels = [x for x in spec["labels"] if x.split("@")[0] in TRAIN_METHODS]
+    infer_labels = [x for x in spec["labels"] if x in ("infer_dense", "infer_compressed")]
+    if train_labels:
+        steps, info = {}, {}
+        for label in train_labels:
+            method, _, ratio = label.partition("@")
+            model, vocab, kind = build_model(spec["model"])
+            batch = make_batch(vocab, kind, spec["batch"], spec["seq"])
+            info[label] = {}
+            controller = setup_training(model, method, float(ratio or 1.0), info[label])
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-5)
+            model.train()
+
+            def step(model=model, batch=batch, opt=opt, controller=controller):
+                opt.zero_grad(set_to_none=True)
+                out_ = model(**batch)
+                loss = out_.loss
+                if controller is not None:
+                    loss = loss + controller.regularization(out_, batch)
+                loss.backward()
+                opt.step()
+                if controller is not None:
+                    controller.step()
+
+            steps[label] = step
+            info[label]["trainable_params"] = sum(p.numel() for p in params)
+        res = interleaved(steps, baseline=train_labels[0], repeats=spec["train_repeats"],
+                          warmup=1)
+        tokens = spec["batch"] * spec["seq"]
+        out["train"] = {label: {**info[label], "median_step_s": r["median_s"],
+                                "tokens_per_s": tokens / r["median_s"],
+                                "speed_vs_dense": 1.0 / r["paired_ratio"],
+                                "step_times_s": r["times_s"]}
+                        for label, r in res.items()}
+    if infer_labels:
+        models = {}
+        for label in infer_labels:
+            model, vocab, _ = build_model(spec["model"])
+            if label == "infer_compressed":
+                compressed_copy(model)
+            models[label] = model.eval()
+        out["infer"] = {}
+        for shape in spec["infer_shapes"]:
+            b, s = (int(v) for v in shape.split("x"))
+            batch = make_batch(vocab, "classification", b, s)
+            batch.pop("labels")
+
+            def call(model, batch=batch):
+                def run():
+                    with torch.inference_mode():
+                        model(**batch)
+                return run
+
+            res = interleaved({k: call(m) for k, m in models.items()},
+                              baseline=infer_labels[0], repeats=spec["repeats"], warmup=2)
+            out["infer"][shape] = {k: {"median_ms": r["median_s"] * 1e3,
+                                       "speedup_vs_dense": 1.0 / r["paired_ratio"],
+                                       "times_s": r["times_s"]} for k, r in res.items()}
+        out["params_total"] = {k: sum(p.numel() for p in m.parameters())
+                               for k, m in models.items()}
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
 
 
 def compile_check(model, vocab: int, shapes: list[tuple[int, int]]) -> dict:
@@ -285,7 +377,7 @@ def method_specs(args) -> list[dict]:
     specs = []
     base = {"model": args.model, "threads": args.threads, "batch": args.batch, "seq": args.seq,
             "steps": args.steps, "infer_shapes": args.infer_shapes.split(","),
-            "repeats": args.infer_repeats}
+            "repeats": args.infer_repeats, "grad_ckpt": args.grad_ckpt}
     for item in args.methods.split(","):
         method, _, own_ratio = item.partition("@")
         if method not in TRAIN_METHODS + INFER_METHODS:
@@ -329,6 +421,8 @@ def summarize(runs: list[dict], rounds: int) -> dict:
             entry["peak_rss_mib_max"] = max(r["peak_rss_mib"] for r in ok)
             entry["rss_after_model_mib"] = median([r["rss_after_model_mib"] for r in ok])
             if "tokens_per_s" in ok[0]:
+                if all(r.get("train_peak_rss_mib") for r in ok):
+                    entry["train_peak_rss_mib"] = median([r["train_peak_rss_mib"] for r in ok])
                 entry["tokens_per_s"] = median([r["tokens_per_s"] for r in ok])
                 entry["median_step_s"] = median([r["median_step_s"] for r in ok])
                 entry["controller_step_s"] = median([r["controller_step_s"] for r in ok])
@@ -357,6 +451,11 @@ def summarize(runs: list[dict], rounds: int) -> dict:
                 label, "train_dense", lambda m, d: m["tokens_per_s"] / d["tokens_per_s"])
             entry["memory_vs_dense"] = paired(
                 label, "train_dense", lambda m, d: m["peak_rss_mib"] / d["peak_rss_mib"])
+            if "train_peak_rss_mib" in entry and "train_peak_rss_mib" in summary.get(
+                    "train_dense", {}):
+                entry["train_memory_vs_dense"] = paired(
+                    label, "train_dense",
+                    lambda m, d: m["train_peak_rss_mib"] / d["train_peak_rss_mib"])
             entry["memory_over_import_vs_dense"] = paired(
                 label, "train_dense",
                 lambda m, d: (m["peak_rss_mib"] - m["rss_after_import_mib"])
@@ -390,6 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--infer-shapes", default="1x128,32x128")
     ap.add_argument("--infer-repeats", type=int, default=7)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--interleaved", action="store_true",
+                    help="speed only: all methods in ONE process, steps/calls interleaved "
+                    "(the listed order's first training and first inference method are the "
+                    "baselines); writes e2e_<model>_interleaved.json")
+    ap.add_argument("--grad-ckpt", action="store_true",
+                    help="training methods run with activation (gradient) checkpointing "
+                    "(Hugging Face gradient_checkpointing_enable), dense included")
+    ap.add_argument("--train-repeats", type=int, default=5,
+                    help="--interleaved: timed training steps per method")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=1800.0, help="per process, seconds")
     ap.add_argument("--out", type=Path, default=None)
@@ -406,9 +514,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rewrote the summary of {args.resummarize}")
         return 0
 
-    out = args.out or RESULTS / f"e2e_{args.model}.json"
     env = environment(args.threads)
     specs = method_specs(args)
+    if args.interleaved:
+        out = args.out or RESULTS / f"e2e_{args.model}_interleaved.json"
+        spec = {**specs[0], "method": "interleaved", "labels": [s["label"] for s in specs],
+                "train_repeats": args.train_repeats}
+        res = launch(spec, args.timeout)
+        if "error" in res:
+            print(res["error"])
+            return 1
+        env["load_average_at_end"] = list(os.getloadavg())
+        write_json(out, {"benchmark": "e2e_interleaved", "environment": env,
+                         "config": vars(args) | {"out": str(out)}, "result": res})
+        for label, r in res.get("train", {}).items():
+            print(f"{label:26s} {r['tokens_per_s']:8.1f} tok/s  x{r['speed_vs_dense']:.2f} "
+                  "vs dense")
+        for shape, rows in res.get("infer", {}).items():
+            for label, r in rows.items():
+                print(f"{shape:8s} {label:18s} {r['median_ms']:8.1f} ms  "
+                      f"x{r['speedup_vs_dense']:.2f} vs dense")
+        print(f"wrote {out}")
+        return 0
+    out = args.out or RESULTS / f"e2e_{args.model}.json"
     runs = []
     for rnd in range(args.rounds):
         shift = rnd % len(specs)
