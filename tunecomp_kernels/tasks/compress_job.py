@@ -290,9 +290,17 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - a linear script
     dense_row: dict = {"model": "dense (original)"}
     probe = setup.new_model(args.seed)
     dense_row["latency"] = tc.measure_latency(probe, latency_batch)
-    with tempfile.TemporaryDirectory() as tmp:
-        probe.save_pretrained(tmp)
-        dense_row["size"] = tc.dir_size(tmp)
+    from transformers.utils import logging as hf_logging
+
+    bar_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            probe.save_pretrained(tmp)
+            dense_row["size"] = tc.dir_size(tmp)
+    finally:
+        if bar_on:
+            hf_logging.enable_progress_bar()
     dense_row["model_params"] = sum(p.numel() for p in probe.parameters())
     del probe
     if args.compare_dense:
