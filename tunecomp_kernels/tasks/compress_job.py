@@ -288,8 +288,7 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - a linear script
 
     # --- the dense reference: the original architecture ----------------------------------
     dense_row: dict = {"model": "dense (original)"}
-    probe = setup.new_model(args.seed)
-    dense_row["latency"] = tc.measure_latency(probe, latency_batch)
+    probe = setup.new_model(args.seed)  # kept for a side-by-side latency measurement
     from transformers.utils import logging as hf_logging
 
     bar_on = hf_logging.is_progress_bar_enabled()
@@ -302,7 +301,6 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - a linear script
         if bar_on:
             hf_logging.enable_progress_bar()
     dense_row["model_params"] = sum(p.numel() for p in probe.parameters())
-    del probe
     if args.compare_dense:
         print(f"dense fine-tune for comparison ({args.steps} steps) ...")
         dense = runner.run_dense(setup, settings)
@@ -354,10 +352,17 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - a linear script
     model.eval()
     comp_row: dict = {"model": "compressed (TuneComp)"}
     comp_row["val"] = tc.evaluate(model, setup.val_batches())["accuracy"]
-    comp_row["test"] = tc.evaluate(model, setup.test_batches())["accuracy"]
+    in_order = [tc.collate(setup.test.input_ids[i:i + 16], setup.test.labels[i:i + 16],
+                           setup.pad_id) for i in range(0, len(setup.test), 16)]
+    test_predictions = tc.predict(model, in_order).argmax(-1).tolist()
+    comp_row["test"] = sum(int(p == y) for p, y in zip(test_predictions, setup.test.labels)) / len(
+        setup.test)
     comp_row["params"] = report.params_after
     comp_row["model_params"] = sum(p.numel() for p in model.parameters())
-    comp_row["latency"] = tc.measure_latency(model, latency_batch)
+    # Side by side, alternating, so that load from other processes hits both alike.
+    dense_row["latency"], comp_row["latency"] = tc.measure_latency_pair(probe, model,
+                                                                        latency_batch)
+    del probe
 
     out = Path(args.output)
     if out.is_dir() and any(out.iterdir()) and not (out / "tunecomp.json").is_file():
@@ -370,9 +375,6 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - a linear script
     check = setup.test_batches()[:4]
     same = torch.equal(tc.predict(model, check).argmax(-1), tc.predict(reloaded, check).argmax(-1))
     max_diff = (tc.predict(model, check) - tc.predict(reloaded, check)).abs().max().item()
-    in_order = [tc.collate(setup.test.input_ids[i:i + 16], setup.test.labels[i:i + 16],
-                           setup.pad_id) for i in range(0, len(setup.test), 16)]
-    test_predictions = tc.predict(model, in_order).argmax(-1).tolist()
 
     rows = []
     for row in (dense_row, comp_row):
@@ -396,8 +398,9 @@ def _run(args: argparse.Namespace) -> int:  # noqa: C901 - a linear script
           "same latency batch)" + ("; its accuracy is a dense fine-tune with the same data "
                                    "and steps (--compare-dense)" if args.compare_dense else
                                    "; run with --compare-dense for its fine-tuned accuracy"))
-    print(f"CPU latency: median forward time of one batch of {latency_batch['input_ids'].shape[0]}"
-          f" test texts (padded to {latency_batch['input_ids'].shape[1]} tokens), "
+    shape = latency_batch["input_ids"].shape
+    print(f"CPU latency: median forward time (the two models timed alternately) of one "
+          f"batch of {shape[0]} test texts (padded to {shape[1]} tokens), "
           f"{torch.get_num_threads()} threads")
     print(f"saved to {out} (reloaded with load_compressed: predictions "
           f"{'identical' if same else 'DIFFER'}, max |logit diff| {max_diff:.2e})")
