@@ -49,7 +49,7 @@ step cuda_verify 100 "$PY -m bench.cuda_verify --out-dir \"\$LOG_DIR\""
 step cuda_memcheck 90 "CS=\$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null); if [ -z \"\$CS\" ]; then echo 'compute-sanitizer not found: skipped'; exit 0; fi; \"\$CS\" --tool memcheck --kernel-name kns=mlr --error-exitcode 99 $PY -m bench.cuda_verify --memcheck-case"
 # Correctness runs use each kernel's default config (no autotuning) to fit the time box.
 step pytest_gpu 110 "TUNECOMP_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m gpu tests/ -x --durations=10"
-step pytest_ops_cuda 70 "TUNECOMP_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m 'not gpu' tests/test_triton.py tests/test_op.py tests/test_registration.py"
+step pytest_ops_cuda 70 "TUNECOMP_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -m 'not gpu' tests/ops/test_triton.py tests/ops/test_op.py tests/ops/test_registration.py"
 # The benchmark autotunes over the first 4 configs of each table (its first calls
 # compile and time them); a run without the cap tunes over all of them.
 step bench_kernels 150 "TUNECOMP_TRITON_MAX_CONFIGS=4 $PY -m bench.kernels --device cuda --quick --out \"\$LOG_DIR\""

@@ -1,13 +1,15 @@
 import os
+import sys
 
 import pytest
 import torch
 
-# Keep CPU runs reproducible and light on this 2-core machine.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Tests import the shared helpers (helpers.py, tiny_models.py) from this folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Without a GPU, the Triton backend runs in Triton's CPU interpreter, so every shared
-# backend test (tests/test_op.py, test_registration.py, ...) exercises it too.
+# backend test (tests/ops/test_op.py, test_registration.py, ...) exercises it too.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -19,3 +21,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Every test runs on one intra-op thread: the shapes are tiny, and on a busy 2-core machine a
+    second OpenMP thread makes every small matmul wait (100x slower measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

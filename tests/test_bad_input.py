@@ -18,10 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import make_inputs
-from test_compress_common import (
+from tiny_models import (
     block_net,
     forward_x,
-    single_thread,  # noqa: F401  (autouse fixture)
     tiny_bert,
     vector_batches,
 )

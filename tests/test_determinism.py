@@ -8,10 +8,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from test_compress_common import (
+from tiny_models import (
     block_net,
     ce_loss,
-    single_thread,  # noqa: F401  (autouse fixture)
     vector_batches,
 )
 

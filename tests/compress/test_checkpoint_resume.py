@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_compress_common import (
+from tiny_models import (
     block_net,
     ce_loss,
     forward_x,
-    single_thread,  # noqa: F401  (autouse fixture)
     vector_batches,
 )
 

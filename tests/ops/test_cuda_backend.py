@@ -1,7 +1,7 @@
 """CUDA backend: GPU correctness against the float64 reference, and (on any machine) the
 bindings, the wrapper's validation, the verification / choice tables and "auto"'s rules.
 
-The kernels themselves also run on the CPU through the emulator: tests/test_cuda_emulated.py.
+The kernels themselves also run on the CPU through the emulator: tests/ops/test_cuda_emulated.py.
 """
 
 from __future__ import annotations

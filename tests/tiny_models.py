@@ -1,4 +1,4 @@
-"""Tiny models and batches shared by the ``test_compress_*`` tests (no tests here).
+"""Tiny models and batches shared by the model-level tests (no tests here).
 
 Every model is built from a config object (nothing is downloaded) with dropout off, so
 runs are deterministic given the seed.
@@ -6,21 +6,10 @@ runs are deterministic given the seed.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 VOCAB = 64
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run on one intra-op thread: these models are tiny, and on a busy 2-core machine a
-    second OpenMP thread makes every small matmul wait (100x slower measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def seeded(seed: int = 0) -> None:

@@ -6,11 +6,10 @@ import math
 
 import pytest
 import torch
-from test_compress_common import (
+from tiny_models import (
     block_net,
     ce_loss,
     forward_x,
-    single_thread,  # noqa: F401  (autouse fixture)
     text_batches,
     tiny_bert,
     tiny_gpt2,

@@ -36,7 +36,7 @@ from tunecomp_kernels.ops.triton_kernels import autotune as at  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRAD_NAMES = ("x", "U", "mask", "V", "bias")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def check(inputs: dict, dtype: torch.dtype, teacher_scale: float = 0.6,

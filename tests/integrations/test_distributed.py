@@ -36,7 +36,7 @@ def _config():
 
 
 def _model():
-    from test_compress_common import block_net
+    from tiny_models import block_net
 
     return block_net(seed=0, width=24, depth=2)
 
@@ -170,7 +170,7 @@ def ranks(tmp_path_factory):
         pytest.skip("torch.distributed with gloo is not available")
     out = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(Path(__file__).resolve()), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

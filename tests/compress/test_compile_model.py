@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_compress_common import (
+from tiny_models import (
     block_net,
-    single_thread,  # noqa: F401  (autouse fixture)
     text_batches,
     tiny_bert,
 )

@@ -1,8 +1,8 @@
 """A small, deterministic, checkpointed TuneComp run that a test can SIGKILL and resume.
 
-    python tests/scripts/killable_run.py CKPT_DIR OUT_FILE [--resume] [--delay SECONDS]
+    python tests/compress/scripts/killable_run.py CKPT_DIR OUT_FILE [--resume] [--delay SECONDS]
 
-It compresses the plain ``BlockNet`` of ``tests/test_compress_common.py`` for ``STEPS``
+It compresses the plain ``BlockNet`` of ``tests/tiny_models.py`` for ``STEPS``
 steps with AdamW, an LR schedule, ASVD init, pruning and a noisy forward that draws from
 torch's, Python's and NumPy's random generators (so a resume that lost any RNG state would
 differ), writing a checkpoint every ``EVERY`` steps. ``--delay`` sleeps after each step so
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the tiny models
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for the tiny models
 
-from test_compress_common import block_net, ce_loss, vector_batches  # noqa: E402
+from tiny_models import block_net, ce_loss, vector_batches  # noqa: E402
 
 import tunecomp_kernels  # noqa: E402
 from tunecomp_kernels.compress import (  # noqa: E402

@@ -7,8 +7,7 @@ import os
 
 import pytest
 import torch
-from test_compress_common import (
-    single_thread,  # noqa: F401  (autouse fixture)
+from tiny_models import (
     text_batches,
     tiny_bert,
 )

@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-from test_compress_common import (
+from tiny_models import (
     block_net,
     buffer_bytes,
     ce_loss,
     forward_x,
     image_batches,
-    single_thread,  # noqa: F401  (autouse fixture)
     text_batches,
     tiny_bert,
     tiny_gpt2,

@@ -7,12 +7,11 @@ import os
 
 import pytest
 import torch
-from test_compress_common import (
+from tiny_models import (
     block_net,
     ce_loss,
     forward_x,
     image_batches,
-    single_thread,  # noqa: F401  (autouse fixture)
     text_batches,
     tiny_bert,
     tiny_gpt2,

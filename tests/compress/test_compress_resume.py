@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_compress_common import (
-    single_thread,  # noqa: F401  (autouse fixture)
+from tiny_models import (
     text_batches,
     tiny_bert,
     tiny_llama,

@@ -25,10 +25,10 @@ from helpers import TOLERANCE, rel_err
 
 from tunecomp_kernels.ops.reference import reference_float64
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [ROOT / "csrc" / "cuda" / f for f in
            ("mlr_api.cu", "mlr_f32.cu", "mlr_f16.cu", "mlr_bf16.cu")]
-DRIVER = ROOT / "tests" / "cuda_emu" / "driver.cpp"
+DRIVER = ROOT / "tests" / "ops" / "cuda_emu" / "driver.cpp"
 HEADERS = sorted((ROOT / "csrc").rglob("*.h")) + sorted((ROOT / "csrc").rglob("*.cuh"))
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ALL_GRADS = 31  # dx, dU, dmask, dV, dbias

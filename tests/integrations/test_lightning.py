@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import torch
-from test_compress_common import (
+from tiny_models import (
     block_net,
-    single_thread,  # noqa: F401  (autouse fixture)
     vector_batches,
 )
 from torch import nn
