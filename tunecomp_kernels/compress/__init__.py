@@ -24,32 +24,35 @@ from __future__ import annotations
 
 from typing import Any
 
-from .baselines import (
-    allocate_ranks,
-    compress_then_finetune,
-    compress_to_budget,
-    finetune_then_compress,
-)
+from .baselines import allocate_ranks, compress_to_budget
 from .calibration import ActivationStats, collect_statistics
+from .callbacks import ProgressBar, StepState
+from .checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from .config import TuneCompConfig
 from .controller import TuneCompController
 from .export import load_compressed, read_metadata, save_compressed
 from .finalize import finalize
+from .pipelines import (
+    TrainingPlan,
+    compress_then_finetune,
+    dense_finetune,
+    finetune_then_compress,
+    finetune_truncate_finetune,
+    run_tunecomp,
+    truncate_finetune,
+    tunecomp_joint,
+)
 from .prepare import prepare
 from .report import CompressionReport, LayerReport, compression_report
 from .schedules import blend_scales, budget_fraction, l1_weight
 from .targets import TargetInfo, find_targets
-from .training import (
-    CheckpointError,
-    RunResult,
-    TrainResult,
-    list_checkpoints,
-    load_checkpoint,
-    read_checkpoint,
-    run_tunecomp,
-    save_checkpoint,
-    train,
-)
+from .training import RunResult, TrainResult, train
 
 _LAZY = {"TuneCompCallback", "TuneCompTrainer"}
 
@@ -58,9 +61,12 @@ __all__ = [
     "CheckpointError",
     "CompressionReport",
     "LayerReport",
+    "ProgressBar",
     "RunResult",
+    "StepState",
     "TargetInfo",
     "TrainResult",
+    "TrainingPlan",
     "TuneCompCallback",
     "TuneCompConfig",
     "TuneCompController",
@@ -72,9 +78,11 @@ __all__ = [
     "compress_then_finetune",
     "compress_to_budget",
     "compression_report",
+    "dense_finetune",
     "finalize",
     "find_targets",
     "finetune_then_compress",
+    "finetune_truncate_finetune",
     "l1_weight",
     "list_checkpoints",
     "load_checkpoint",
@@ -86,6 +94,8 @@ __all__ = [
     "save_checkpoint",
     "save_compressed",
     "train",
+    "truncate_finetune",
+    "tunecomp_joint",
 ]
 
 

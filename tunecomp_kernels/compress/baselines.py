@@ -1,4 +1,4 @@
-"""Sequential baselines that TuneComp is compared against, sharing its code and budget.
+"""One-shot truncation to a parameter budget: what the sequential baselines do.
 
 * :func:`compress_to_budget` — one-shot truncation: factor every targeted layer with
   SVD / ASVD / SVD-LLM and keep the globally most important ranks so the targeted layers
@@ -7,19 +7,16 @@
   ``in + out`` when ``score_per_param`` — the same greedy rule as the joint run
   (:func:`~.budget.prune_to_budget`). A layer whose kept rank would not be smaller than
   dense keeps its original dense weight.
-* :func:`finetune_then_compress` — (a) fine-tune dense → truncate → re-fine-tune.
-* :func:`compress_then_finetune` — (b) truncate → fine-tune.
+* :func:`allocate_ranks` — the global rank allocation it uses.
 
-Both sequential pipelines take the same optimiser factory, batches, step count and
-config (budget, init) as :func:`~.training.run_tunecomp`, so the comparison is fair: the
-total number of optimiser steps and the stream of batches are the same.
+The sequential pipelines built on it, (a) fine-tune → truncate → fine-tune and
+(b) truncate → fine-tune, are in :mod:`.pipelines` beside TuneComp itself.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -30,18 +27,8 @@ from .calibration import collect_statistics
 from .config import TuneCompConfig
 from .model_io import call_model
 from .prepare import CONFIG_ATTR, build_lowrank, check_feasible, factor_weight, select_targets
-from .report import compression_report
-from .targets import INFO_ATTR, TargetInfo, dense_weight, layer_dims, origin_of, set_submodule
-from .training import (
-    ForwardFn,
-    LossFn,
-    OptimizerFactory,
-    RunResult,
-    TrainResult,
-    cycle_batches,
-    train,
-    trainable_parameters,
-)
+from .targets import INFO_ATTR, TargetInfo, dense_weight, make_target_infos, set_submodule
+from .training import ForwardFn
 
 
 def allocate_ranks(
@@ -78,11 +65,7 @@ def compress_to_budget(
     chooses SVD / ASVD / SVD-LLM (the last two need ``calibration``).
     """
     targets = select_targets(model, config)
-    infos = {}
-    for name, mod in targets.items():
-        in_f, out_f = layer_dims(mod)
-        infos[name] = TargetInfo(name, in_f, out_f, getattr(mod, "bias", None) is not None,
-                                 origin_of(mod))
+    infos = make_target_infos(targets)
     check_feasible(list(infos.values()), config)
     if config.init != "svd" and calibration is None:
         raise ValueError(f"init={config.init!r} needs calibration data")
@@ -110,74 +93,10 @@ def compress_to_budget(
     return model
 
 
-def _phase(
-    model: nn.Module,
-    make_optimizer: OptimizerFactory,
-    stream: Any,
-    steps: int,
-    history: TrainResult,
-    **kwargs: Any,
-) -> None:
-    if steps <= 0:
-        return
-    optimizer = make_optimizer(trainable_parameters(model))
-    part = train(model, optimizer, stream, steps=steps, **kwargs)
-    history.steps += part.steps
-    history.losses.extend(part.losses)
+def __getattr__(name: str) -> Any:
+    # The sequential pipelines moved to .pipelines; their old import path keeps working.
+    if name in ("finetune_then_compress", "compress_then_finetune"):
+        from . import pipelines
 
-
-def finetune_then_compress(
-    model: nn.Module,
-    config: TuneCompConfig,
-    make_optimizer: OptimizerFactory,
-    batches: Iterable[Any],
-    *,
-    steps: int | None = None,
-    dense_fraction: float = 0.5,
-    calibration: Iterable[Any] | None = None,
-    loss_fn: LossFn | None = None,
-    forward: ForwardFn = call_model,
-    max_grad_norm: float | None = None,
-    callback: Callable[[int, dict[str, Any]], None] | None = None,
-) -> RunResult:
-    """Baseline (a): fine-tune dense for ``dense_fraction`` of ``steps`` (default
-    ``config.total_steps``), truncate to the budget with ``config.init`` (calibration
-    statistics come from the fine-tuned model), then re-fine-tune for the remaining steps
-    with a fresh optimiser. The batch stream continues across the phases."""
-    if not 0.0 <= dense_fraction <= 1.0:
-        raise ValueError(f"dense_fraction must be in [0, 1], got {dense_fraction}")
-    steps = config.total_steps if steps is None else steps
-    start = time.perf_counter()
-    stream = cycle_batches(batches)
-    history = TrainResult()
-    first = round(steps * dense_fraction)
-    common = {"loss_fn": loss_fn, "forward": forward, "max_grad_norm": max_grad_norm,
-              "callback": callback}
-    _phase(model, make_optimizer, stream, first, history, **common)
-    compress_to_budget(model, config, calibration, forward=forward)
-    _phase(model, make_optimizer, stream, steps - first, history, **common)
-    return RunResult(model, compression_report(model), history, time.perf_counter() - start)
-
-
-def compress_then_finetune(
-    model: nn.Module,
-    config: TuneCompConfig,
-    make_optimizer: OptimizerFactory,
-    batches: Iterable[Any],
-    *,
-    steps: int | None = None,
-    calibration: Iterable[Any] | None = None,
-    loss_fn: LossFn | None = None,
-    forward: ForwardFn = call_model,
-    max_grad_norm: float | None = None,
-    callback: Callable[[int, dict[str, Any]], None] | None = None,
-) -> RunResult:
-    """Baseline (b): truncate the pretrained model to the budget with ``config.init``,
-    then fine-tune it for ``steps`` (default ``config.total_steps``)."""
-    steps = config.total_steps if steps is None else steps
-    start = time.perf_counter()
-    compress_to_budget(model, config, calibration, forward=forward)
-    history = TrainResult()
-    _phase(model, make_optimizer, cycle_batches(batches), steps, history, loss_fn=loss_fn,
-           forward=forward, max_grad_norm=max_grad_norm, callback=callback)
-    return RunResult(model, compression_report(model), history, time.perf_counter() - start)
+        return getattr(pipelines, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

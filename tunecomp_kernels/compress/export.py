@@ -11,9 +11,10 @@ Loading needs no training code path: for HF models :func:`load_compressed` rebui
 architecture from the saved config (no hub access), swaps in
 :class:`~tunecomp_kernels.MaskedLowRankLinear` layers of the saved ranks and loads the
 weights; for any other model the caller passes an uncompressed instance of the same
-architecture. Saving is atomic: files go to a temporary sibling directory that is renamed
-into place only when complete, so a failure never leaves a half-written directory nor
-touches an existing good one.
+architecture. Saving is atomic: files go to a temporary sibling directory and are moved
+into place only when complete and read back equal, so a failure never leaves a
+half-written directory nor touches an existing good one; files in the directory that the
+library did not write are never touched (:mod:`.output_dir`).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import importlib
 import json
 import os
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,13 @@ from torch import nn
 
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .budget import lowrank_is_smaller
+from .checkpoint import atomic_write, fsync_path
 from .config import TuneCompConfig
+from .output_dir import META_FILE, check_destination, install_files, staging_dir
 from .prepare import CONFIG_ATTR
 from .targets import INFO_ATTR, TargetInfo, is_supported, layer_dims, set_submodule
 
 WEIGHTS_FILE = "model.safetensors"
-META_FILE = "tunecomp.json"
 FORMAT = "tunecomp_kernels.compressed"
 FORMAT_VERSION = 1
 
@@ -77,7 +77,7 @@ def _hf_info(model: nn.Module) -> dict[str, Any] | None:
     if not cls.__module__.startswith("transformers.") or not hasattr(config, "to_json_string"):
         return None
     return {"module": cls.__module__, "class": cls.__name__,
-            "config": json.loads(config.to_json_string(use_diff=False))}
+            "config": _portable_config(config)}
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -117,74 +117,119 @@ def _float_dtype(model: nn.Module) -> str | None:
     return None
 
 
-def _check_destination(path: Path) -> None:
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if any(path.iterdir()) and not (path / META_FILE).is_file():
-        raise FileExistsError(
-            f"{path} is a non-empty directory that is not a saved TuneComp model; "
-            "refusing to overwrite it"
-        )
+def _portable_config(config: Any) -> dict[str, Any]:
+    """The HF config as JSON, without the machine path it was loaded from."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    name = data.get("_name_or_path")
+    if isinstance(name, str) and os.path.isabs(name):
+        data["_name_or_path"] = Path(name).name
+    return data
+
+
+def _write_model_files(tmp: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                       extra_files: dict[str, bytes]) -> list[str]:
+    """Write, fsync and verify every file of a saved model into ``tmp``; their names."""
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    fsync_path(tmp / WEIGHTS_FILE)
+    back = load_file(str(tmp / WEIGHTS_FILE))
+    bad = [n for n, t in tensors.items() if n not in back or not torch.equal(back[n], t)]
+    if bad or len(back) != len(tensors):
+        raise OSError(f"the weights written to {tmp} do not read back equal ({bad[:3]})")
+    for name, data in extra_files.items():
+        (tmp / name).write_bytes(data)
+        fsync_path(tmp / name)
+    with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return meta["files"]
+
+
+def _check_extra_files(extra_files: dict[str, bytes]) -> None:
+    for name, data in extra_files.items():
+        if name in (WEIGHTS_FILE, META_FILE) or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"extra file name {name!r} is reserved or not a plain file name")
+        if not isinstance(data, bytes):
+            raise TypeError(f"extra file {name!r} must be bytes, got {type(data).__name__}")
 
 
 def save_compressed(
-    model: nn.Module, path: str | os.PathLike[str], *, config: TuneCompConfig | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    config: TuneCompConfig | None = None,
+    overwrite: bool = True,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Save a finalized model to directory ``path`` atomically; returns the path.
 
     Args:
         model: a model after :func:`~.finalize.finalize`.
-        path: target directory; an existing saved model there is replaced only once the
-            new one is complete. Any other existing non-empty directory is an error.
+        path: target directory, created if missing. An existing saved model there is
+            replaced (with ``overwrite``) only once the new files are complete and read
+            back equal; files in it that this library did not write are kept. Any other
+            non-empty directory is refused.
         config: the run's config to record (default: the one ``prepare`` attached).
+        overwrite: replace a saved model at ``path`` (default True); False refuses.
+        extra_files: more files to save with the model, ``{file name: contents}`` (e.g.
+            a run summary); they are owned by the saved model and replaced with it.
 
     Raises:
-        ValueError: the model is not finalized or has no TuneComp layers.
-        FileExistsError: ``path`` is a file or an unrelated non-empty directory.
+        ValueError: the model is not finalized or has no TuneComp layers; ``path`` is the
+            current, a parent or the home directory.
+        FileExistsError: ``path`` is an unrelated non-empty directory, or a saved model
+            and ``overwrite`` is False.
+        NotADirectoryError / PermissionError: ``path`` cannot be created or written.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
+    extra_files = dict(extra_files or {})
+    _check_extra_files(extra_files)
     layers = _layer_table(model)
     config = config if config is not None else getattr(model, CONFIG_ATTR, None)
     tensors, tied = _dedupe(model.state_dict())
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
+        "files": [WEIGHTS_FILE, META_FILE, *sorted(extra_files)],
         "layers": layers,
         "tied": tied,
         "dtype": _float_dtype(model),
         "tunecomp_config": config.to_dict() if isinstance(config, TuneCompConfig) else None,
         "hf_model": _hf_info(model),
     }
-    _check_destination(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    check_destination(path, overwrite=overwrite, allow_foreign=(path / META_FILE).is_file())
+    tmp = staging_dir(path)
     try:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        _fsync(tmp / WEIGHTS_FILE)
-        with open(tmp / META_FILE, "w", encoding="utf-8") as fh:
-            json.dump(meta, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if path.exists():
-            backup = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, backup)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(backup, path)
-                raise
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        _fsync(path.parent)
+        names = _write_model_files(tmp, tensors, meta, extra_files)
+        install_files(tmp, path, names)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # our own staging directory
         raise
     return path
+
+
+def add_files(path: str | os.PathLike[str], files: dict[str, bytes]) -> None:
+    """Add (or replace) files beside a saved model, e.g. a run summary written after the
+    model was saved; each is written atomically and recorded as the model's own, so a
+    later ``save_compressed(..., overwrite=True)`` replaces or removes it.
+
+    Raises:
+        FileNotFoundError: no saved model at ``path``.
+        ValueError / TypeError: a reserved name or non-bytes contents.
+    """
+    path = Path(path)
+    _check_extra_files(files)
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no saved TuneComp model at {path}")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    for name, data in files.items():
+        atomic_write(path / name, lambda tmp, data=data: tmp.write_bytes(data))
+    meta["files"] = sorted(set(meta.get("files", [WEIGHTS_FILE, META_FILE])) | set(files))
+    text = json.dumps(meta, indent=1, sort_keys=True)
+    atomic_write(meta_path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # --- loading --------------------------------------------------------------------------
@@ -263,20 +308,6 @@ def _check_meta_fields(where: Path, meta: dict[str, Any]) -> None:
     config = meta.get("tunecomp_config")
     if config is not None and not isinstance(config, dict):
         raise ValueError(f"{where}: 'tunecomp_config' must be an object")
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's contents to disk (best effort for directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. directories on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _build_hf(hf: dict[str, Any]) -> nn.Module:

@@ -1,17 +1,15 @@
-"""A plain PyTorch training loop that runs the TuneComp schedule, and checkpoint helpers.
+"""The plain PyTorch training loop that every method shares.
 
-:func:`train` is the loop (usable with or without a controller, so the sequential
-baselines share it); :func:`run_tunecomp` is prepare → train → finalize in one call;
-:func:`save_checkpoint` / :func:`load_checkpoint` store and restore model, optimiser,
-scheduler, controller and RNG state so that a resumed run equals an uninterrupted one.
+:func:`train` runs optimiser steps over a batch stream, with or without a TuneComp
+controller; :func:`run_tunecomp` (prepare → train → finalize) lives in
+:mod:`.pipelines` with the other methods (its old import path here keeps working).
+Checkpoints are written by :mod:`.checkpoint`; this module only decides when.
 
 Resumable runs: ``train(..., checkpoint_dir=d, checkpoint_every=K)`` writes
 ``d/ckpt-<step>.pt`` every K steps and at the end, keeping the newest
 ``keep_checkpoints``; ``resume=True`` continues from the newest readable one (skipping,
-with a warning, any that is truncated or corrupt). Every write goes to a temporary file
-in the same directory, is fsynced and then renamed over the target, so a crash or a full
-disk never leaves a half-written checkpoint under a checkpoint's name and never damages
-an older one; a non-finite loss or parameter stops the run before anything is written.
+with a warning, any that is truncated or corrupt). A non-finite loss or parameter stops the
+run before anything is written.
 """
 
 from __future__ import annotations
@@ -19,12 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import random
-import re
-import tempfile
-import time
 import warnings
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +26,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TuneCompConfig
+from .callbacks import ProgressBar, StepCallback, StepState, legacy_callback
+from .checkpoint import (  # noqa: F401  (re-exported: these lived here before)
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    Checkpointer,
+    CheckpointError,
+    atomic_torch_save,
+    capture_rng_state,
+    checkpoint_state,
+    find_resume_state,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+    restore_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .controller import TuneCompController
 from .model_io import call_model, model_device, move_to_device, output_loss
-from .report import CompressionReport, compression_report
+from .report import CompressionReport
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -56,12 +65,13 @@ class TrainResult:
 @dataclass
 class RunResult:
     """A finished run: the (finalized) model, its compression report, the training
-    history and the wall time in seconds."""
+    history, the wall time in seconds and, for a TuneComp run, its controller."""
 
     model: nn.Module
     report: CompressionReport | None
     history: TrainResult
     wall_time: float
+    controller: TuneCompController | None = None
 
 
 def cycle_batches(batches: Iterable[Any]) -> Iterator[Any]:
@@ -99,18 +109,22 @@ def train(
     scheduler: Any = None,
     max_grad_norm: float | None = None,
     callback: Callable[[int, dict[str, Any]], None] | None = None,
+    callbacks: Sequence[StepCallback] = (),
     progress: bool = False,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int | None = None,
     keep_checkpoints: int = 2,
     resume: bool | str | os.PathLike[str] = False,
+    phase: str | None = None,
+    step_offset: int = 0,
+    total_steps: int | None = None,
 ) -> TrainResult:
     """Run ``steps`` optimiser steps; with a ``controller`` the TuneComp schedule runs too.
 
     Each step: ``outputs = forward(model, batch)``; ``loss = loss_fn(outputs, batch)``
     (default: the model's own ``outputs.loss``) ``+ controller.regularization(outputs,
     batch)``; backward; optional gradient clipping; ``optimizer.step()``;
-    ``scheduler.step()``; ``controller.step()``; ``callback(step, info)``.
+    ``scheduler.step()``; ``controller.step()``; then every callback.
 
     Args:
         model: the model (put in train mode).
@@ -126,9 +140,10 @@ def train(
             :func:`~.model_io.call_model`).
         scheduler: an LR scheduler stepped after the optimiser.
         max_grad_norm: clip the gradient norm to this value.
-        callback: called after every step with the step number and a dict of the task
-            loss and the controller's stats.
-        progress: show a tqdm progress bar with loss, α, parameters.
+        callback: called after every step as ``callback(step, info)`` with the task loss
+            and the controller's stats in ``info`` (kept for existing code).
+        callbacks: called after every step with a :class:`~.callbacks.StepState`.
+        progress: show a progress bar (:class:`~.callbacks.ProgressBar`).
         checkpoint_dir: directory for checkpoints (created if missing); it must not hold
             checkpoints of an earlier run unless ``resume`` is set.
         checkpoint_every: write a checkpoint every this many steps (and after the last
@@ -144,6 +159,9 @@ def train(
             uninterrupted run. The data position is restored by skipping the batches the
             run had consumed, which is exact when ``batches`` yields the same sequence
             again (a list, a DataLoader without shuffling, a recreated iterator).
+        phase, step_offset, total_steps: how this call sits in a multi-phase run (see
+            :mod:`.pipelines`): the phase's name and the steps before it and in the whole
+            run, as reported in each :class:`~.callbacks.StepState`.
 
     Returns:
         :class:`TrainResult` (with a resumed run: the whole run's history). Ends early
@@ -157,442 +175,176 @@ def train(
     """
     _check_train_args(model, optimizer, steps, checkpoint_dir, checkpoint_every,
                       keep_checkpoints, resume)
-    if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
-        raise TypeError(
-            "batches must be an iterable of batches, got "
-            + ("a single dict; wrap one batch in a list: [batch]" if isinstance(batches, Mapping)
-               else type(batches).__name__)
-        )
-    if steps is None:
-        if controller is not None:
-            steps = max(controller.config.total_steps - controller.step_count, 0)
-        elif hasattr(batches, "__len__"):
-            steps = len(batches)  # type: ignore[arg-type]
-        else:
-            raise ValueError("pass steps= when batches has no length and there is no controller")
-    if forward is None:
-        forward = controller.forward if controller is not None else call_model
-    loss_fn = loss_fn or (lambda outputs, _batch: output_loss(outputs))
-    device = model_device(model)
-    result = TrainResult()
-    saver = (_Checkpointer(Path(checkpoint_dir), checkpoint_every, keep_checkpoints)
+    _check_batches(batches)
+    steps = _resolve_steps(steps, controller, batches)
+    saver = (Checkpointer(Path(checkpoint_dir), checkpoint_every, keep_checkpoints)
              if checkpoint_dir is not None else None)
-    start, position, rng = 0, 0, None
-    if resume:
-        state = _find_resume_state(resume, saver)
-        if state is not None:
-            train_state = state.get("train")
-            if not isinstance(train_state, dict) or not {"step", "position"} <= set(train_state):
-                raise ValueError(
-                    f"{state['_path']} was not written by train(checkpoint_dir=...): it has no "
-                    "step / data position; restore it with load_checkpoint instead"
-                )
-            start, position = int(train_state["step"]), int(train_state["position"])
-            if start > steps:
-                raise ValueError(
-                    f"cannot resume: the checkpoint {state['_path']} is at step {start}, "
-                    f"past steps={steps}"
-                )
-            _restore(state, state["_path"], model, optimizer, controller, scheduler,
-                     restore_rng=False)
-            rng = state.get("rng")
-            result.steps = start
-            result.losses = list(train_state.get("losses", []))
-            result.stats = list(train_state.get("stats", []))
-    elif saver is not None and saver.checkpoints():
-        raise FileExistsError(
-            f"{saver.directory} already holds checkpoints of an earlier run "
-            f"({saver.checkpoints()[-1].name}); pass resume=True to continue it, or use an "
-            "empty directory"
-        )
-    stream = _resumed_stream(batches, position)
-    if rng is not None:  # after skipping: the training steps see the checkpoint's RNG
-        restore_rng_state(rng)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=start, desc="tunecomp" if controller else "train",
-                   leave=False)
-    model.train()
+    loop = _Loop(model, optimizer, controller, scheduler, max_grad_norm,
+                 forward or (controller.forward if controller is not None else call_model),
+                 loss_fn or (lambda outputs, _batch: output_loss(outputs)), saver)
+    result, start, position = loop.start(resume, steps)
+    stream = resumed_stream(batches, position)
+    if loop.rng is not None:  # after skipping: the training steps see the checkpoint's RNG
+        restore_rng_state(loop.rng)
+    hooks = list(callbacks) + ([legacy_callback(callback)] if callback is not None else [])
+    bar = ProgressBar(steps, initial=start, desc="tunecomp" if controller else "train",
+                      enabled=True) if progress else None
+    report = _Reporter(hooks + ([bar] if bar else []), model, controller,
+                       phase or ("joint" if controller is not None else "dense"),
+                       step_offset, total_steps or steps)
     try:
-        for step in range(start, steps):
-            try:
-                batch = move_to_device(next(stream), device)
-            except StopIteration:
-                warnings.warn(f"batches ran out after {step} of {steps} steps", stacklevel=2)
-                break
-            position += 1
-            optimizer.zero_grad(set_to_none=True)
-            outputs = forward(model, batch)
-            task = loss_fn(outputs, batch)
-            loss = task if controller is None else task + controller.regularization(outputs,
-                                                                                    batch)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(
-                    f"the loss is {loss_value} at step {step + 1} (task loss "
-                    f"{float(task.detach())}); stopped before the optimiser step, the model "
-                    "keeps the previous step's parameters"
-                    + (f"; last checkpoint: {saver.checkpoints()[-1]}"
-                       if saver is not None and saver.checkpoints() else "")
-                )
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            info: dict[str, Any] = {"loss": float(task.detach())}
-            if controller is not None:
-                controller.step()
-                stats = controller.stats()
-                result.stats.append(stats)
-                info.update(stats)
-            result.losses.append(info["loss"])
-            result.steps += 1
-            if callback is not None:
-                callback(step + 1, info)
-            if saver is not None and ((step + 1) % saver.every == 0 or step + 1 == steps):
-                train_state = {"step": step + 1, "position": position, "steps": steps,
-                               "losses": list(result.losses), "stats": list(result.stats)}
-                saver.save(step + 1, _checkpoint_state(model, optimizer, controller,
-                                                       scheduler, {}, train_state))
-            if bar is not None:
-                post = {"loss": f"{info['loss']:.4f}"}
-                if controller is not None:
-                    post.update(alpha=f"{info['alpha']:.3f}", params=f"{info['ratio']:.1%}")
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
+        loop.run(stream, start, steps, position, result, report)
     finally:
         if bar is not None:
             bar.close()
     return result
 
 
-def run_tunecomp(
-    model: nn.Module,
-    config: TuneCompConfig,
-    make_optimizer: OptimizerFactory,
-    batches: Iterable[Any],
-    *,
-    calibration: Iterable[Any] | None = None,
-    steps: int | None = None,
-    loss_fn: LossFn | None = None,
-    forward: ForwardFn = call_model,
-    make_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
-    max_grad_norm: float | None = None,
-    callback: Callable[[int, dict[str, Any]], None] | None = None,
-    progress: bool = False,
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    checkpoint_every: int | None = None,
-    keep_checkpoints: int = 2,
-    resume: bool | str | os.PathLike[str] = False,
-) -> RunResult:
-    """Joint TuneComp in one call: :func:`~.prepare.prepare` → :func:`train` for
-    ``steps`` (default ``config.total_steps``) → :func:`~.finalize.finalize`.
+@dataclass
+class _Reporter:
+    """Builds the :class:`StepState` of a step and hands it to every callback."""
 
-    ``make_optimizer(params)`` builds the optimiser over the prepared model's trainable
-    parameters; ``make_scheduler(optimizer)`` optionally an LR scheduler.
-    ``checkpoint_dir`` / ``checkpoint_every`` / ``keep_checkpoints`` / ``resume`` are
-    passed to :func:`train`: to resume an interrupted run, call ``run_tunecomp`` again
-    with the same arguments, the same *uncompressed* starting model and ``resume=True``.
-    """
-    from .prepare import prepare
+    hooks: list[StepCallback]
+    model: nn.Module
+    controller: TuneCompController | None
+    phase: str
+    offset: int
+    total: int
 
-    start = time.perf_counter()
-    controller = prepare(model, config, calibration, forward=forward)
-    optimizer = make_optimizer(trainable_parameters(model))
-    scheduler = make_scheduler(optimizer) if make_scheduler else None
-    history = train(model, optimizer, batches, controller=controller, steps=steps,
-                    loss_fn=loss_fn, forward=forward, scheduler=scheduler,
-                    max_grad_norm=max_grad_norm, callback=callback, progress=progress,
-                    checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                    keep_checkpoints=keep_checkpoints, resume=resume)
-    controller.finalize()
-    return RunResult(model, compression_report(model), history, time.perf_counter() - start)
+    def __call__(self, step: int, loss: float, stats: dict[str, Any]) -> None:
+        state = StepState(self.offset + step, self.total, self.phase, loss, stats, self.model,
+                          self.controller)
+        for hook in self.hooks:
+            hook(state)
 
 
-# --- checkpoints ----------------------------------------------------------------------
+class _Loop:
+    """One training run's moving parts, and the named steps of :func:`train`."""
 
-CHECKPOINT_FORMAT = "tunecomp_kernels.checkpoint"
-CHECKPOINT_VERSION = 2
-_CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
+    def __init__(self, model, optimizer, controller, scheduler, max_grad_norm, forward,
+                 loss_fn, saver: Checkpointer | None) -> None:
+        self.model, self.optimizer, self.controller = model, optimizer, controller
+        self.scheduler, self.max_grad_norm = scheduler, max_grad_norm
+        self.forward, self.loss_fn, self.saver = forward, loss_fn, saver
+        self.device = model_device(model)
+        self.rng: Any = None
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file is truncated, corrupt or not a TuneComp checkpoint."""
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The state of every random generator a run may use: torch (CPU, and CUDA when it is
-    initialised), Python's ``random`` and NumPy's global generator."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return state
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),
-                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
-    return state
-
-
-def restore_rng_state(state: Any) -> None:
-    """Inverse of :func:`capture_rng_state` (also accepts the bare torch CPU state of
-    checkpoints written by older versions)."""
-    if isinstance(state, torch.Tensor):
-        torch.set_rng_state(state)
-        return
-    if not isinstance(state, dict) or not isinstance(state.get("torch"), torch.Tensor):
-        raise CheckpointError(f"invalid RNG state in checkpoint: {type(state).__name__}")
-    torch.set_rng_state(state["torch"])
-    if state.get("python") is not None:
-        random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if state.get("numpy") is not None:
-        import numpy as np
-
-        npy = state["numpy"]
-        np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                             npy["has_gauss"], npy["cached"]))
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``: write to a
-    temporary file in the same directory, fsync it, ``os.replace`` it over ``path`` and
-    fsync the directory. On any error (or interrupt) ``path`` is untouched and the
-    temporary file is removed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load and verify a checkpoint file: every record's CRC is checked before unpickling
-    (``torch.load`` alone does not notice flipped bytes), and only tensors and plain
-    Python values are unpickled (``weights_only=True``).
-
-    Raises:
-        FileNotFoundError: there is no file at ``path``.
-        CheckpointError: the file is truncated, corrupt or not a TuneComp checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({path.stat().st_size} bytes, not a "
-            f"complete torch.save archive: {exc})"
-        ) from exc
-    if bad is not None:
-        raise CheckpointError(f"checkpoint {path} is corrupt: record {bad!r} fails its CRC check")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{path} is not a TuneComp checkpoint (written by save_checkpoint)")
-    if state.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has format {state.get('format')!r}, not a TuneComp "
-                              "checkpoint")
-    version = state.get("version", 1)
-    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {version!r}; this library reads "
-                              f"versions up to {CHECKPOINT_VERSION}")
-    return state
-
-
-def _checkpoint_state(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    controller: TuneCompController | None,
-    scheduler: Any,
-    extra: dict[str, Any],
-    train_state: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    for name, p in model.named_parameters():
-        if not bool(torch.isfinite(p.detach()).all()):
-            raise FloatingPointError(
-                f"parameter {name!r} holds NaN/inf: refusing to write it over a good checkpoint"
+    def start(self, resume, steps: int) -> tuple[TrainResult, int, int]:
+        """The history, first step and data position: fresh, or from a checkpoint."""
+        result = TrainResult()
+        if not resume:
+            if self.saver is not None and self.saver.checkpoints():
+                raise FileExistsError(
+                    f"{self.saver.directory} already holds checkpoints of an earlier run "
+                    f"({self.saver.checkpoints()[-1].name}); pass resume=True to continue it, "
+                    "or use an empty directory"
+                )
+            return result, 0, 0
+        state = find_resume_state(resume, self.saver)
+        if state is None:
+            return result, 0, 0
+        train_state = state.get("train")
+        if not isinstance(train_state, dict) or not {"step", "position"} <= set(train_state):
+            raise ValueError(
+                f"{state['_path']} was not written by train(checkpoint_dir=...): it has no "
+                "step / data position; restore it with load_checkpoint instead"
             )
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "controller": controller.state_dict() if controller is not None else None,
-        "rng": capture_rng_state(),
-        "train": train_state,
-        "extra": extra,
-    }
+        start, position = int(train_state["step"]), int(train_state["position"])
+        if start > steps:
+            raise ValueError(f"cannot resume: the checkpoint {state['_path']} is at step "
+                             f"{start}, past steps={steps}")
+        restore_checkpoint(state, state["_path"], self.model, self.optimizer, self.controller,
+                           self.scheduler, restore_rng=False)
+        self.rng = state.get("rng")
+        result.steps = start
+        result.losses = list(train_state.get("losses", []))
+        result.stats = list(train_state.get("stats", []))
+        return result, start, position
+
+    def run(self, stream: Iterator[Any], start: int, steps: int, position: int,
+            result: TrainResult, report: _Reporter) -> None:
+        self.model.train()
+        for step in range(start, steps):
+            try:
+                batch = move_to_device(next(stream), self.device)
+            except StopIteration:
+                warnings.warn(f"batches ran out after {step} of {steps} steps", stacklevel=3)
+                break
+            position += 1
+            loss = self.optimizer_step(batch, step)
+            stats = self.controller_step()
+            if stats is not None:
+                result.stats.append(stats)
+            result.losses.append(loss)
+            result.steps += 1
+            report(step + 1, loss, stats or {})
+            self.maybe_checkpoint(step + 1, steps, position, result)
+
+    def optimizer_step(self, batch: Any, step: int) -> float:
+        """Forward, loss, backward, clipping, optimiser and scheduler; the task loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        outputs = self.forward(self.model, batch)
+        task = self.loss_fn(outputs, batch)
+        loss = task if self.controller is None else (
+            task + self.controller.regularization(outputs, batch))
+        self._check_finite(loss, task, step)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model), self.max_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return float(task.detach())
+
+    def controller_step(self) -> dict[str, Any] | None:
+        if self.controller is None:
+            return None
+        self.controller.step()
+        return self.controller.stats()
+
+    def _check_finite(self, loss: torch.Tensor, task: torch.Tensor, step: int) -> None:
+        value = float(loss.detach())
+        if math.isfinite(value):
+            return
+        last = (f"; last checkpoint: {self.saver.checkpoints()[-1]}"
+                if self.saver is not None and self.saver.checkpoints() else "")
+        raise FloatingPointError(
+            f"the loss is {value} at step {step + 1} (task loss {float(task.detach())}); "
+            "stopped before the optimiser step, the model keeps the previous step's "
+            "parameters" + last
+        )
+
+    def maybe_checkpoint(self, step: int, steps: int, position: int,
+                         result: TrainResult) -> None:
+        if self.saver is None or (step % self.saver.every and step != steps):
+            return
+        train_state = {"step": step, "position": position, "steps": steps,
+                       "losses": list(result.losses), "stats": list(result.stats)}
+        self.saver.save(step, checkpoint_state(self.model, self.optimizer, self.controller,
+                                               self.scheduler, {}, train_state))
 
 
-def save_checkpoint(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    controller: TuneCompController | None = None,
-    scheduler: Any = None,
-    **extra: Any,
-) -> None:
-    """Write model, optimiser, scheduler, controller and RNG state (torch, CUDA, ``random``,
-    NumPy) to ``path`` atomically (:func:`atomic_torch_save`). ``extra`` entries (plain
-    values and tensors) are stored too.
-
-    Raises:
-        FloatingPointError: a parameter holds NaN/inf (nothing is written).
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    atomic_torch_save(_checkpoint_state(model, optimizer, controller, scheduler, extra), path)
+def _check_batches(batches: Any) -> None:
+    if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
+        raise TypeError(
+            "batches must be an iterable of batches, got "
+            + ("a single dict; wrap one batch in a list: [batch]" if isinstance(batches, Mapping)
+               else type(batches).__name__)
+        )
 
 
-def _restore(
-    state: dict[str, Any],
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    controller: TuneCompController | None,
-    scheduler: Any,
-    restore_rng: bool = True,
-) -> None:
+def _resolve_steps(steps: int | None, controller: TuneCompController | None,
+                   batches: Any) -> int:
+    if steps is not None:
+        return steps
     if controller is not None:
-        if state.get("controller") is None:
-            raise ValueError(f"{path} holds no controller state")
-        controller.load_state_dict(state["controller"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {path} does not fit this model: {exc}") from exc
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if restore_rng:
-        restore_rng_state(state["rng"])
+        return max(controller.config.total_steps - controller.step_count, 0)
+    if hasattr(batches, "__len__"):
+        return len(batches)
+    raise ValueError("pass steps= when batches has no length and there is no controller")
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    controller: TuneCompController | None = None,
-    scheduler: Any = None,
-) -> dict[str, Any]:
-    """Restore :func:`save_checkpoint` into a freshly prepared model (``prepare`` on the
-    original model with the same config), its new optimiser/scheduler and controller.
-    The controller goes first (it frees the teachers if the checkpoint is past the blend),
-    then the model, optimiser, scheduler and RNG. Returns the ``extra`` entries.
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        CheckpointError: the file is truncated, corrupt or not a checkpoint.
-        ValueError: it was made for another model or config.
-    """
-    state = read_checkpoint(path)
-    _restore(state, path, model, optimizer, controller, scheduler)
-    return state.get("extra") or {}
-
-
-def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
-    """The ``ckpt-<step>.pt`` files :func:`train` wrote to ``directory``, oldest first
-    (unverified; :func:`read_checkpoint` verifies one)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = []
-    for entry in directory.iterdir():
-        match = _CHECKPOINT_NAME.match(entry.name)
-        if match and entry.is_file():
-            found.append((int(match.group(1)), entry))
-    return [p for _, p in sorted(found)]
-
-
-class _Checkpointer:
-    """Writes ``ckpt-<step>.pt`` files into one directory and keeps the newest ``keep``."""
-
-    def __init__(self, directory: Path, every: int, keep: int) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.directory, self.every, self.keep = directory, every, keep
-        for stale in directory.glob(".ckpt-*.pt.*.tmp"):  # left by a run killed mid-write
-            stale.unlink(missing_ok=True)
-
-    def checkpoints(self) -> list[Path]:
-        return list_checkpoints(self.directory)
-
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        path = self.directory / f"ckpt-{step:08d}.pt"
-        atomic_torch_save(state, path)
-        for old in self.checkpoints()[:-self.keep]:  # only once the new one is in place
-            if old != path:
-                old.unlink(missing_ok=True)
-        return path
-
-
-def _find_resume_state(
-    resume: bool | str | os.PathLike[str], saver: _Checkpointer | None
-) -> dict[str, Any] | None:
-    """The verified state to resume from, with its path under ``"_path"``; None to start
-    from step 0."""
-    if resume is not True:
-        state = read_checkpoint(resume)
-        state["_path"] = Path(resume)
-        return state
-    assert saver is not None
-    candidates = saver.checkpoints()
-    if not candidates:
-        warnings.warn(f"resume=True but {saver.directory} holds no checkpoint: starting from "
-                      "step 0", stacklevel=3)
-        return None
-    errors = []
-    for path in reversed(candidates):
-        try:
-            state = read_checkpoint(path)
-        except CheckpointError as exc:
-            warnings.warn(f"skipping unreadable checkpoint: {exc}", stacklevel=3)
-            errors.append(str(exc))
-            continue
-        state["_path"] = path
-        return state
-    raise CheckpointError(f"no readable checkpoint in {saver.directory}: " + "; ".join(errors))
-
-
-def _resumed_stream(batches: Iterable[Any], position: int) -> Iterator[Any]:
+def resumed_stream(batches: Iterable[Any], position: int) -> Iterator[Any]:
     """:func:`cycle_batches` advanced past the first ``position`` batches."""
     if position == 0:
         return cycle_batches(batches)
@@ -648,3 +400,11 @@ def _check_train_args(
     if not isinstance(resume, (bool, str, os.PathLike)):
         raise TypeError(f"resume must be a bool or a checkpoint path, got "
                         f"{type(resume).__name__}")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "run_tunecomp":  # moved to .pipelines; the old import path keeps working
+        from .pipelines import run_tunecomp
+
+        return run_tunecomp
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
