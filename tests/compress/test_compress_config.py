@@ -7,7 +7,7 @@ import math
 import pytest
 
 from tunecomp_kernels.compress import TuneCompConfig, blend_scales, budget_fraction, l1_weight
-from tunecomp_kernels.compress.config import BLENDS
+from tunecomp_kernels.compress.config import BLENDS, RECIPE, Schedule
 
 # --- validation --------------------------------------------------------------------------
 
@@ -39,7 +39,16 @@ from tunecomp_kernels.compress.config import BLENDS
         ({"shrink_threshold": -0.1}, ValueError, "shrink_threshold must be >= 0"),
         ({"prune_start": 50, "prune_end": 10}, ValueError,
          "prune_start=50 must be <= prune_end=10"),
-        ({"prune_end": 500}, ValueError, "prune_end=500 must be <= total_steps=200"),
+        ({"prune_end": 500, "total_steps": 200}, ValueError,
+         "prune_end=500 must be <= total_steps=200"),
+        ({"blend_fraction": 1.5}, ValueError, "blend_fraction must be in [0, 1], got 1.5"),
+        ({"blend_fraction": "half"}, TypeError, "blend_fraction must be a number"),
+        ({"prune_end_fraction": -0.1}, ValueError, "prune_end_fraction must be in [0, 1]"),
+        ({"prune_end_fraction": 0.5, "prune_end": 3}, ValueError,
+         "give prune_end=3 (steps) or prune_end_fraction=0.5 (of the run), not both"),
+        ({"prune_start": 3, "prune_end_fraction": 0.0}, ValueError,
+         "prune_start=3 must be <= prune_end=0"),
+        ({"total_steps": 2.0}, TypeError, "total_steps must be an int"),
         ({"min_rank": 0}, ValueError, "min_rank must be >= 1"),
         ({"distill_weight": -1.0}, ValueError, "distill_weight must be >= 0"),
         ({"distill_temperature": 0.0}, ValueError, "distill_temperature must be > 0"),
@@ -55,11 +64,62 @@ def test_bad_config_is_a_clear_error(kwargs, exc, needle):
     assert needle in str(info.value)
 
 
-def test_defaults_and_round_trip():
+def test_defaults_are_the_validated_recipe():
     cfg = TuneCompConfig()
-    assert cfg.target_ratio == 0.5 and cfg.blend == "sine_power" and cfg.init == "svd"
-    assert cfg.resolved_prune_end == cfg.blend_steps
-    assert cfg.resolved_l1_decay_steps == cfg.blend_steps
+    # bench/results/reproduction_pilots.md: the recipe chosen on val
+    assert (cfg.init, cfg.init_rank_ratio, cfg.blend, cfg.l1_lambda, cfg.score) == (
+        "svd", 0.75, "sine_affine", 1e-4, "magnitude")
+    assert cfg.total_steps is None and cfg.blend_steps is None and cfg.blend_fraction == 0.5
+    assert all(getattr(cfg, k) == v for k, v in RECIPE.items())
+    # blend over the first half of the run, budget met there, whatever the run length
+    for steps, half in ((20, 10), (200, 100), (3, 2), (1, 1)):
+        assert cfg.resolve_schedule(steps) == Schedule(steps, half, 0, half, half)
+    # the CLI / reproduction read the same values
+    from tunecomp_kernels.tasks.recipes import JOINT_DEFAULTS
+    assert {k: JOINT_DEFAULTS[k] for k in ("init", "init_rank_ratio", "blend", "blend_fraction",
+                                           "l1_lambda")} == {
+        k: RECIPE[k] for k in ("init", "init_rank_ratio", "blend", "blend_fraction", "l1_lambda")}
+
+
+def test_explicit_steps_keep_their_meaning():
+    old = TuneCompConfig(blend_steps=100, total_steps=200)  # the former defaults
+    assert old.resolve_schedule() == old.resolve_schedule(200) == Schedule(200, 100, 0, 100, 100)
+    assert old.resolved_prune_end == old.resolved_l1_decay_steps == 100
+    cfg = TuneCompConfig(blend_steps=30, prune_end=60, l1_decay_steps=45)
+    assert cfg.resolve_schedule(80) == Schedule(80, 30, 0, 60, 45)
+    frac = TuneCompConfig(blend_fraction=0.25, prune_end_fraction=0.75)
+    assert frac.resolve_schedule(40) == Schedule(40, 10, 0, 30, 30)
+    assert TuneCompConfig(blend_fraction=0.0).resolve_schedule(9).blend_steps == 0
+    assert not TuneCompConfig(blend_fraction=0.0).keeps_teacher
+    assert not TuneCompConfig(blend_steps=0).keeps_teacher and TuneCompConfig().keeps_teacher
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "steps", "needle"),
+    [
+        ({"total_steps": 200}, 20,
+         "TuneCompConfig(total_steps=200) does not fit a run of 20 optimiser steps: set "
+         "total_steps=20, or leave total_steps=None"),
+        ({"blend_steps": 100}, 20,
+         "blend_steps=100 must be <= total_steps=20 (the run's optimiser steps)"),
+        ({"blend_steps": 5, "prune_end": 30}, 20,
+         "prune_end=30 must be <= total_steps=20 (the run's optimiser steps)"),
+        ({}, None, "the run length is not known: TuneCompConfig(total_steps=None)"),
+    ],
+)
+def test_schedule_that_does_not_fit_the_run(kwargs, steps, needle):
+    cfg = TuneCompConfig(**kwargs)
+    with pytest.raises(ValueError) as info:
+        cfg.resolve_schedule(steps)
+    assert needle in str(info.value)
+    if steps is None:
+        with pytest.raises(ValueError, match="the run length is not known"):
+            l1_weight(cfg, 1)
+        with pytest.raises(ValueError, match="the run length is not known"):
+            _ = cfg.resolved_prune_end
+
+
+def test_round_trip():
     cfg2 = TuneCompConfig(target_ratio=0.3, include=("layer",), exclude=["attn"], prune_end=150)
     assert cfg2.exclude == ("attn",)
     assert TuneCompConfig.from_dict(cfg2.to_dict()) == cfg2
@@ -69,6 +129,7 @@ def test_defaults_and_round_trip():
 
 def test_needs_calibration():
     assert not TuneCompConfig().needs_calibration
+    assert not TuneCompConfig(score="auto").needs_calibration
     assert TuneCompConfig(init="asvd").needs_calibration
     assert TuneCompConfig(init="svd_llm").needs_calibration
     assert TuneCompConfig(score="activation").needs_calibration

@@ -19,11 +19,19 @@ needs_accelerate = pytest.mark.skipif(
 )
 
 from tunecomp_kernels.compress import TuneCompConfig, finalize, prepare  # noqa: E402
-from tunecomp_kernels.compress.hf_callback import (  # noqa: E402
+from tunecomp_kernels.integrations.hf_trainer import (  # noqa: E402
     STATE_FILE,
     TuneCompCallback,
     TuneCompTrainer,
 )
+
+
+def test_old_import_path_is_an_alias():
+    import tunecomp_kernels.compress as compress
+    import tunecomp_kernels.integrations as integrations
+
+    assert compress.TuneCompCallback is integrations.TuneCompCallback is TuneCompCallback
+    assert compress.TuneCompTrainer is integrations.TuneCompTrainer is TuneCompTrainer
 
 
 class Rows(torch.utils.data.Dataset):
@@ -63,7 +71,8 @@ def test_callback_is_one_line(tmp_path, monkeypatch):
 
 def test_callback_adds_the_l1_gradient():
     model = tiny_bert()
-    controller = prepare(model, TuneCompConfig(l1_lambda=0.5, l1_schedule="constant"))
+    controller = prepare(model, TuneCompConfig(l1_lambda=0.5, l1_schedule="constant",
+                                               total_steps=3))
     layer = next(iter(controller.layers.values()))
     layer.mask.grad = torch.zeros_like(layer.mask)
     with torch.no_grad():

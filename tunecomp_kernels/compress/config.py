@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from ..nn.init import INIT_METHODS
@@ -21,6 +23,61 @@ L1_SCHEDULES = ("constant", "linear", "cosine")
 BUDGET_SCHEDULES = ("cubic", "linear", "cosine")
 SCORES = ("auto", "magnitude", "activation")
 DISTILL_MODES = ("none", "logits", "hidden")
+
+#: The joint recipe chosen on the validation split (``bench/results/reproduction_pilots.md``):
+#: the defaults of :class:`TuneCompConfig`, and what ``tunecomp compress`` and the
+#: reproduction use. The blend runs over the first ``blend_fraction`` of the run and the
+#: budget is met when it ends; the pruning score is ``"magnitude"`` even when calibration
+#: data is passed.
+RECIPE: Mapping[str, Any] = MappingProxyType({
+    "init": "svd",
+    "init_rank_ratio": 0.75,
+    "blend": "sine_affine",
+    "blend_fraction": 0.5,
+    "l1_lambda": 1e-4,
+    "l1_schedule": "cosine",
+    "shrink_threshold": 1e-3,
+    "budget_schedule": "cubic",
+    "score": "magnitude",
+    "distill": "none",
+})
+
+# A run length long enough that every fraction > 0 of it exceeds any explicit step count:
+# the schedule's values at step 0 (all that is needed before the run length is known)
+# depend only on which of its end points are 0, so a run this long gives them.
+_NOMINAL_STEPS = 1 << 40
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A config's schedule fitted to a run of ``total_steps`` optimiser steps (all in steps).
+
+    Attributes:
+        total_steps: the run's optimiser steps.
+        blend_steps: T, the step at which α reaches 0 and the teachers are freed.
+        prune_start, prune_end: the budget tightens from the starting size at
+            ``prune_start`` to the target, met at ``prune_end``.
+        l1_decay_steps: the step at which λ reaches 0 (decaying L1 schedules).
+    """
+
+    total_steps: int
+    blend_steps: int
+    prune_start: int
+    prune_end: int
+    l1_decay_steps: int
+
+    @property
+    def end(self) -> int:
+        """The step from which the blend is over and the budget is met."""
+        return max(self.blend_steps, self.prune_end)
+
+
+def steps_of(fraction: float, total_steps: int) -> int:
+    """``round(fraction · total_steps)``, at least 1 when ``fraction > 0`` (so a blend is
+    never dropped on a short run) and at most ``total_steps``; 0 for ``fraction == 0``."""
+    if fraction == 0:
+        return 0
+    return min(total_steps, max(1, round(fraction * total_steps)))
 
 
 @dataclass
@@ -42,18 +99,32 @@ class TuneCompConfig:
             linear layers whose name matches one of the patterns.
         exclude: linear layers whose name matches any of these patterns stay dense.
 
+    The defaults are the recipe chosen on validation data (:data:`RECIPE`).
+
     Initialisation
-        init: ``"svd"``, ``"asvd"`` or ``"svd_llm"`` (the last two need calibration data).
-        init_rank_ratio: starting rank as a fraction of ``min(in, out)``, in ``(0, 1]``;
-            it should start above the budget so that pruning has room.
+        init: ``"svd"`` (default), ``"asvd"`` or ``"svd_llm"`` (the last two need
+            calibration data).
+        init_rank_ratio: starting rank as a fraction of ``min(in, out)``, in ``(0, 1]``
+            (default 0.75); it should start above the budget so that pruning has room.
         asvd_alpha: exponent of the ASVD activation scaling ``mean|x|^alpha``.
 
-    Blend (teacher → student), over ``blend_steps`` = T optimiser steps
+    Run length. By default the schedule is expressed in fractions of the run and fitted to
+    the trainer's planned optimiser steps when training starts
+    (:meth:`~.controller.TuneCompController.fit_schedule`, called by the HF / Lightning
+    callbacks and ``train``), so changing the number of steps keeps a sound schedule.
+        total_steps: ``None`` (default): the run's length, known when training starts.
+            An int fixes it; the trainer must then plan exactly this many steps.
+        blend_steps: T in optimiser steps; ``None`` (default): ``blend_fraction`` of the
+            run. An int is used as it is (``blend_steps <= total_steps``).
+        blend_fraction: T as a fraction of the run, in ``[0, 1]`` (default 0.5), used when
+            ``blend_steps`` is ``None``; ``round(fraction · steps)``, at least 1 step
+            when the fraction is > 0.
+
+    Blend (teacher → student), over T optimiser steps
         blend: ``"sine_power"`` (paper: α = 1 − sin(πt/2T), α' = sqrt(1 − α²)),
-            ``"sine_affine"`` (same α, α' = 1 − α), ``"linear"`` (α = 1 − t/T, α' = 1 − α),
-            ``"cosine"`` (α = (1 + cos(πt/T))/2, α' = 1 − α). α = 0 for t ≥ T, and the
-            teacher weights are freed then.
-        total_steps: planned optimiser steps of the whole run (``blend_steps <= total_steps``).
+            ``"sine_affine"`` (default; same α, α' = 1 − α), ``"linear"`` (α = 1 − t/T,
+            α' = 1 − α), ``"cosine"`` (α = (1 + cos(πt/T))/2, α' = 1 − α). α = 0 for
+            t ≥ T, and the teacher weights are freed then.
 
     Sparsity
         l1_lambda: λ_0, weight of the L1 penalty ``λ_t Σ|mask|``.
@@ -62,13 +133,15 @@ class TuneCompConfig:
         shrink_threshold: hard shrinkage τ: after every step ranks with ``|mask| <= τ`` are
             pruned for good.
         prune_start, prune_end: the global budget tightens from the starting size (at
-            ``prune_start``) to the target (reached at ``prune_end``, default ``blend_steps``)
-            along ``budget_schedule`` (``"cubic"``, ``"linear"`` or ``"cosine"``).
-        score: rank importance for the global ranking: ``"magnitude"`` =
-            ``|mask_i|·‖U[:, i]‖·‖V[i, :]‖``; ``"activation"`` weights the columns of V by the
-            calibration inputs' RMS per channel (needs calibration data); ``"auto"``
-            (default) is ``"activation"`` when calibration data is given, else
-            ``"magnitude"``.
+            ``prune_start``) to the target (met at ``prune_end``; default: where the blend
+            ends) along ``budget_schedule`` (``"cubic"``, ``"linear"`` or ``"cosine"``).
+        prune_end_fraction: ``prune_end`` as a fraction of the run, in ``[0, 1]``
+            (exclusive with ``prune_end``).
+        score: rank importance for the global ranking: ``"magnitude"`` (default) =
+            ``|mask_i|·‖U[:, i]‖·‖V[i, :]‖``, also when calibration data is given;
+            ``"activation"`` weights the columns of V by the calibration inputs' RMS per
+            channel (needs calibration data); ``"auto"`` is ``"activation"`` when
+            calibration data is given, else ``"magnitude"``.
         score_per_param: rank by importance per parameter freed (score / (in + out)).
 
     Distillation (optional, against the frozen teacher while it is alive, t < T)
@@ -83,23 +156,25 @@ class TuneCompConfig:
     target_ratio: float = 0.5
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
-    init: str = "svd"
-    init_rank_ratio: float = 1.0
+    init: str = RECIPE["init"]
+    init_rank_ratio: float = RECIPE["init_rank_ratio"]
     asvd_alpha: float = 0.5
-    blend: str = "sine_power"
-    blend_steps: int = 100
-    total_steps: int = 200
-    l1_lambda: float = 1e-4
-    l1_schedule: str = "cosine"
+    blend: str = RECIPE["blend"]
+    blend_steps: int | None = None
+    total_steps: int | None = None
+    blend_fraction: float = RECIPE["blend_fraction"]
+    l1_lambda: float = RECIPE["l1_lambda"]
+    l1_schedule: str = RECIPE["l1_schedule"]
     l1_decay_steps: int | None = None
-    shrink_threshold: float = 1e-3
+    shrink_threshold: float = RECIPE["shrink_threshold"]
     prune_start: int = 0
     prune_end: int | None = None
-    budget_schedule: str = "cubic"
-    score: str = "auto"
+    prune_end_fraction: float | None = None
+    budget_schedule: str = RECIPE["budget_schedule"]
+    score: str = RECIPE["score"]
     score_per_param: bool = True
     min_rank: int = 1
-    distill: str = "none"
+    distill: str = RECIPE["distill"]
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
     backend: str = "auto"
@@ -125,12 +200,6 @@ class TuneCompConfig:
         if self.asvd_alpha < 0:
             raise ValueError(f"asvd_alpha must be >= 0, got {self.asvd_alpha}")
         _choice("blend", self.blend, BLENDS)
-        _integer("blend_steps", self.blend_steps, minimum=0)
-        _integer("total_steps", self.total_steps, minimum=1)
-        if self.blend_steps > self.total_steps:
-            raise ValueError(
-                f"blend_steps={self.blend_steps} must be <= total_steps={self.total_steps}"
-            )
         self.l1_lambda = _number("l1_lambda", self.l1_lambda)
         if self.l1_lambda < 0:
             raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda}")
@@ -140,17 +209,7 @@ class TuneCompConfig:
         self.shrink_threshold = _number("shrink_threshold", self.shrink_threshold)
         if self.shrink_threshold < 0:
             raise ValueError(f"shrink_threshold must be >= 0, got {self.shrink_threshold}")
-        _integer("prune_start", self.prune_start, minimum=0)
-        if self.prune_end is not None:
-            _integer("prune_end", self.prune_end, minimum=0)
-        if self.prune_start > self.resolved_prune_end:
-            raise ValueError(
-                f"prune_start={self.prune_start} must be <= prune_end={self.resolved_prune_end}"
-            )
-        if self.resolved_prune_end > self.total_steps:
-            raise ValueError(
-                f"prune_end={self.resolved_prune_end} must be <= total_steps={self.total_steps}"
-            )
+        self._check_steps()
         _choice("budget_schedule", self.budget_schedule, BUDGET_SCHEDULES)
         _choice("score", self.score, SCORES)
         if not isinstance(self.score_per_param, bool):
@@ -167,17 +226,83 @@ class TuneCompConfig:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         check_backend_name(self.backend)
 
+    def _check_steps(self) -> None:
+        for name in ("total_steps", "blend_steps", "prune_end", "l1_decay_steps"):
+            value = getattr(self, name)
+            if value is not None:
+                _integer(name, value, minimum=1 if name == "total_steps" else 0)
+        _integer("prune_start", self.prune_start, minimum=0)
+        self.blend_fraction = _fraction("blend_fraction", self.blend_fraction)
+        if self.prune_end_fraction is not None:
+            self.prune_end_fraction = _fraction("prune_end_fraction", self.prune_end_fraction)
+            if self.prune_end is not None:
+                raise ValueError(
+                    f"give prune_end={self.prune_end} (steps) or prune_end_fraction="
+                    f"{self.prune_end_fraction} (of the run), not both"
+                )
+        # everything that explicit step counts alone decide is checked now
+        self.resolve_schedule(_NOMINAL_STEPS if self.total_steps is None else None)
+
     # --- derived values ------------------------------------------------------------------
 
     @property
+    def keeps_teacher(self) -> bool:
+        """Whether the run blends from a teacher (T > 0), i.e. ``prepare`` keeps one."""
+        if self.blend_steps is not None:
+            return self.blend_steps > 0
+        return self.blend_fraction > 0
+
+    def resolve_schedule(self, total_steps: int | None = None) -> Schedule:
+        """The schedule in optimiser steps for a run of ``total_steps`` steps (default:
+        ``self.total_steps``). Explicit step fields are used as they are; fractions are
+        taken of ``total_steps`` (:func:`steps_of`).
+
+        Raises:
+            ValueError: the run length is unknown (``total_steps`` is ``None`` here and in
+                the config); the config fixes ``total_steps`` to another value; or the
+                explicit step counts do not fit into the run (the message names them).
+        """
+        total = self.total_steps if total_steps is None else total_steps
+        if total is None:
+            raise ValueError(
+                "the run length is not known: TuneCompConfig(total_steps=None) expresses the "
+                "schedule in fractions of the run; fit it with controller.fit_schedule(steps) "
+                "(the HF / Lightning callbacks and train() do this) or set total_steps"
+            )
+        if self.total_steps is not None and total != self.total_steps:
+            raise ValueError(
+                f"TuneCompConfig(total_steps={self.total_steps}) does not fit a run of {total} "
+                f"optimiser steps: set total_steps={total}, or leave total_steps=None (the "
+                "default) so that the schedule is fitted to the run"
+            )
+        where = " (the run's optimiser steps)" if self.total_steps is None else ""
+        blend = (steps_of(self.blend_fraction, total) if self.blend_steps is None
+                 else self.blend_steps)
+        if blend > total:
+            raise ValueError(f"blend_steps={blend} must be <= total_steps={total}{where}")
+        if self.prune_end is not None:
+            prune_end = self.prune_end
+        elif self.prune_end_fraction is not None:
+            prune_end = steps_of(self.prune_end_fraction, total)
+        else:
+            prune_end = blend
+        if self.prune_start > prune_end:
+            raise ValueError(f"prune_start={self.prune_start} must be <= prune_end={prune_end}")
+        if prune_end > total:
+            raise ValueError(f"prune_end={prune_end} must be <= total_steps={total}{where}")
+        l1_end = prune_end if self.l1_decay_steps is None else self.l1_decay_steps
+        return Schedule(total, blend, self.prune_start, prune_end, l1_end)
+
+    @property
     def resolved_prune_end(self) -> int:
-        """The step at which the budget is met: ``prune_end``, or ``blend_steps`` if unset."""
-        return self.blend_steps if self.prune_end is None else self.prune_end
+        """The step at which the budget is met (needs a known run length, see
+        :meth:`resolve_schedule`)."""
+        return self.resolve_schedule().prune_end
 
     @property
     def resolved_l1_decay_steps(self) -> int:
-        """The step at which λ reaches 0: ``l1_decay_steps``, or the prune end if unset."""
-        return self.resolved_prune_end if self.l1_decay_steps is None else self.l1_decay_steps
+        """The step at which λ reaches 0 (needs a known run length)."""
+        return self.resolve_schedule().l1_decay_steps
 
     @property
     def needs_calibration(self) -> bool:
@@ -229,6 +354,13 @@ def _number(name: str, value: object) -> float:
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _fraction(name: str, value: object) -> float:
+    value = _number(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
     return value
 
 

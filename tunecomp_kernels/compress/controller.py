@@ -3,6 +3,7 @@
 Training loop contract (see :func:`~.training.train` for a ready-made loop)::
 
     controller = prepare(model, config)            # build the optimiser *after* this
+    controller.fit_schedule(len(batches))          # the run's optimiser steps
     for batch in batches:
         outputs = model(**batch)
         loss = task_loss(outputs) + controller.regularization(outputs, batch)
@@ -24,6 +25,10 @@ Training loop contract (see :func:`~.training.train` for a ready-made loop)::
    flags live in the controller (and its ``state_dict``), so whatever the optimiser
    (momentum, Adam, weight decay) does to a pruned mask entry is undone after each step.
 
+The config's schedule is in fractions of the run unless it gives step counts;
+:meth:`TuneCompController.fit_schedule` fixes the run length (the trainer integrations
+call it from the trainer's planned steps).
+
 Pruning uses parameters only, no randomness and no data, with float64 scores and a
 stable sort on the CPU: every data-parallel rank holds the same parameters and therefore
 prunes the same ranks, without communication.
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -42,16 +48,32 @@ from torch import nn
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .budget import effective_cost, hard_shrink, prune_to_budget
 from .calibration import eval_mode
-from .config import TuneCompConfig
-from .distill import distillation_loss
+from .config import _NOMINAL_STEPS, Schedule, TuneCompConfig
+from .controller_state import STATE_VERSION, check_state
+from .distill import LossTerms
 from .model_io import call_model
-from .schedules import blend_scales, budget_fraction, l1_weight
+from .schedules import ScheduleError, blend_scales, budget_fraction, l1_weight
+from .sharded import full_tensor as _full
+from .sharded import gather_cpu as _gather_cpu
+from .sharded import laid_out_like as _laid_out_like
 from .targets import INFO_ATTR, TargetInfo
 
-STATE_VERSION = 1
+__all__ = ["STATE_VERSION", "TuneCompController", "controller_of"]
+
+# model -> weak reference to its controller, so that ``finalize(model)`` can check the
+# schedule without the model holding (or pickling) a reference to the controller.
+_CONTROLLERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref[TuneCompController]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-class TuneCompController:
+def controller_of(model: nn.Module) -> TuneCompController | None:
+    """The live controller that ``prepare`` made for ``model``, or ``None``."""
+    ref = _CONTROLLERS.get(model)
+    return None if ref is None else ref()
+
+
+class TuneCompController(LossTerms):
     """Schedules, pruning and teacher management for the layers :func:`prepare` made.
 
     Attributes:
@@ -59,6 +81,9 @@ class TuneCompController:
         model: the prepared model (used for teacher forwards).
         layers: the converted layers by qualified name.
         step_count: optimiser steps taken so far (t).
+        schedule: the :class:`~.config.Schedule` in steps, or ``None`` until the run length
+            is known (:meth:`fit_schedule`).
+        distill_terms: how many distillation losses were computed (integrations check it).
         alpha, student_alpha: the current teacher / student scales α_t, α'_t.
         l1_lambda: the current L1 weight λ_t.
         original_params: Σ in·out over the targeted layers.
@@ -107,11 +132,15 @@ class TuneCompController:
         self.budget_params = math.floor(config.target_ratio * self.original_params)
         self.start_params = self.raw_params
         self.step_count = 0
+        self.schedule: Schedule | None = (
+            None if config.total_steps is None else config.resolve_schedule())
         self.teacher_freed = all(m.teacher_weight is None for m in self._mods)
         self.finalized = False
+        self.distill_terms = 0
         self.alpha, self.student_alpha = 1.0, 0.0
         self.l1_lambda = config.l1_lambda
         self._apply(prune=True)
+        _CONTROLLERS[model] = weakref.ref(self)
 
     # --- sizes -----------------------------------------------------------------------
 
@@ -133,7 +162,8 @@ class TuneCompController:
     def raw_budget_at(self, t: int) -> int:
         """The raw-size budget after step ``t``: ``B + floor((R_0 − B)·f_t)``."""
         slack = max(self.start_params - self.budget_params, 0)
-        return self.budget_params + math.floor(slack * budget_fraction(self.config, t))
+        f_t = budget_fraction(self.config, t, self._schedule_at(t))
+        return self.budget_params + math.floor(slack * f_t)
 
     def active_ranks(self) -> dict[str, int]:
         """Alive ranks per layer."""
@@ -152,25 +182,78 @@ class TuneCompController:
         complete = all(n in self.activation_rms for n in self._names)
         return "activation" if complete else "magnitude"
 
+    # --- the schedule ------------------------------------------------------------------
+
+    def fit_schedule(self, total_steps: int) -> Schedule:
+        """Fit the schedule to a run of ``total_steps`` optimiser steps and return it.
+
+        Fractions in the config (``blend_fraction``, ``prune_end_fraction``) are taken of
+        ``total_steps``; explicit step counts must fit into it, and an explicit
+        ``config.total_steps`` must equal it. Calling it again with the same value does
+        nothing; another value is accepted only before the first step.
+
+        Raises:
+            TypeError / ValueError: ``total_steps`` is not an int >= 1, or the config's
+                explicit step counts do not fit (the message names them).
+            ScheduleError: the controller already stepped on a schedule of another length.
+        """
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int):
+            raise TypeError(f"total_steps must be an int, got {type(total_steps).__name__}")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        new = self.config.resolve_schedule(total_steps)
+        if self.schedule is not None and new != self.schedule and self.step_count > 0:
+            raise ScheduleError(
+                f"the schedule was fitted to {self.schedule.total_steps} optimiser steps and "
+                f"{self.step_count} of them were taken; it cannot be refitted to {total_steps}"
+            )
+        self.schedule = new
+        return new
+
+    @property
+    def schedule_complete(self) -> bool:
+        """Whether the blend is over and the budget met (t >= the schedule's end)."""
+        return self.schedule is not None and self.step_count >= self.schedule.end
+
+    def _schedule_at(self, t: int) -> Schedule:
+        if self.schedule is not None:
+            return self.schedule
+        if t == 0:
+            # step-0 values do not depend on the run length (see config._NOMINAL_STEPS)
+            return self.config.resolve_schedule(_NOMINAL_STEPS)
+        raise ScheduleError(
+            "the schedule's length is not known: TuneCompConfig(total_steps=None) gives it "
+            "in fractions of the run. Call controller.fit_schedule(total_steps) before the "
+            "first step (TuneCompCallback, TuneCompLightningCallback and train() do this "
+            "from the trainer's planned steps), or set TuneCompConfig(total_steps=...)"
+        )
+
     # --- the step ----------------------------------------------------------------------
 
     def step(self) -> None:
         """Call once after every optimiser step: advance t, update α/λ, prune, free the
-        teacher when α reaches 0, and re-zero pruned masks."""
+        teacher when α reaches 0, and re-zero pruned masks.
+
+        Raises:
+            ScheduleError: the run length is not known yet (see :meth:`fit_schedule`).
+            RuntimeError: the model was finalized.
+        """
         if self.finalized:
             raise RuntimeError("the model was finalized; the controller cannot step any more")
+        self._schedule_at(self.step_count + 1)
         self.step_count += 1
         self._apply(prune=True)
 
     def _apply(self, prune: bool) -> None:
         cfg, t = self.config, self.step_count
-        self.alpha, self.student_alpha = blend_scales(cfg.blend, t, cfg.blend_steps)
+        sched = self._schedule_at(t)
+        self.alpha, self.student_alpha = blend_scales(cfg.blend, t, sched.blend_steps)
         if self.alpha == 0.0 and not self.teacher_freed:
             self.free_teacher()
         for m in self._mods:
             m.teacher_scale = self.alpha if m.teacher_weight is not None else 0.0
             m.student_scale = self.student_alpha
-        self.l1_lambda = l1_weight(cfg, t)
+        self.l1_lambda = l1_weight(cfg, t, sched)
         if prune:
             self._shrink_and_prune(t)
         self._zero_dead()
@@ -236,9 +319,11 @@ class TuneCompController:
         embeddings, heads, norms) is shared with the student, i.e. the fine-tuned ones.
         Use it under ``torch.no_grad()`` to get teacher outputs for distillation."""
         if self.teacher_freed:
+            end = "the end of the blend" if self.schedule is None else (
+                f"step {self.schedule.blend_steps} (the end of the blend)")
             raise RuntimeError(
-                f"the teacher was freed at step {self.config.blend_steps} (blend_steps); "
-                "teacher outputs are only available while the blend runs"
+                f"the teacher was freed at {end}; teacher outputs are only available while "
+                "the blend runs"
             )
         try:
             for m in self._mods:
@@ -253,61 +338,6 @@ class TuneCompController:
         """The teacher's outputs on ``inputs`` (no gradient), via :meth:`teacher_mode`."""
         with torch.no_grad(), self.teacher_mode():
             return self.forward(self.model, inputs)
-
-    # --- losses ------------------------------------------------------------------------
-
-    @property
-    def distill_active(self) -> bool:
-        """Whether :meth:`regularization` includes a distillation term at this step."""
-        cfg = self.config
-        return cfg.distill != "none" and cfg.distill_weight > 0 and not self.teacher_freed
-
-    def l1_penalty(self) -> torch.Tensor:
-        """``λ_t · Σ_layers Σ_i |mask_i|`` (a 0-d tensor; no graph when λ_t = 0)."""
-        device = self._mods[0].mask.device
-        if self.l1_lambda == 0.0:
-            return torch.zeros((), device=device)
-        total = sum(_full(m.mask.abs().sum()).to(device) for m in self._mods)
-        return self.l1_lambda * total
-
-    def distillation_loss(self, student_outputs: Any, teacher_outputs: Any) -> torch.Tensor:
-        """``distill_weight ×`` the configured distillation loss (logits KL or hidden MSE)."""
-        cfg = self.config
-        if cfg.distill == "none":
-            raise ValueError("distill='none' in the config: there is no distillation loss")
-        return cfg.distill_weight * distillation_loss(
-            cfg.distill, student_outputs, teacher_outputs, cfg.distill_temperature
-        )
-
-    def regularization(self, outputs: Any = None, inputs: Any = None) -> torch.Tensor:
-        """The term to add to the task loss: the L1 penalty, plus — when distillation is
-        configured and the teacher is still alive — the distillation loss against the
-        teacher's outputs on ``inputs`` (which then must be given with the student's
-        ``outputs``)."""
-        loss = self.l1_penalty()
-        if self.distill_active:
-            if outputs is None or inputs is None:
-                raise ValueError(
-                    f"distill={self.config.distill!r}: pass the student's outputs and the "
-                    "model inputs: controller.regularization(outputs, inputs)"
-                )
-            teacher = self.teacher_forward(inputs)
-            loss = loss + self.distillation_loss(outputs, teacher)
-        return loss
-
-    @torch.no_grad()
-    def add_l1_gradients(self) -> None:
-        """Add ``λ_t·sign(mask)`` to every mask's ``.grad``: the gradient of
-        :meth:`l1_penalty`, for trainers where the loss cannot be changed (the HF
-        callback calls this right before the optimiser step)."""
-        if self.l1_lambda == 0.0:
-            return
-        for m in self._mods:
-            g = self.l1_lambda * torch.sign(m.mask)
-            if m.mask.grad is None:
-                m.mask.grad = g
-            else:
-                m.mask.grad.add_(g)
 
     # --- reporting ---------------------------------------------------------------------
 
@@ -327,18 +357,20 @@ class TuneCompController:
             "teacher_freed": self.teacher_freed,
         }
 
-    def finalize(self) -> nn.Module:
-        """:func:`~.finalize.finalize` the model; the controller cannot step afterwards."""
+    def finalize(self, *, allow_partial: bool = False) -> nn.Module:
+        """:func:`~.finalize.finalize` the model (same errors, same ``allow_partial``);
+        the controller cannot step afterwards."""
         from .finalize import finalize
 
-        finalize(self.model)
+        finalize(self.model, allow_partial=allow_partial)
         self.finalized = True
         return self.model
 
     # --- checkpointing -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: step, alive flags, budget, config, statistics."""
+        """Everything needed to resume: step, alive flags, budget, config, run length,
+        statistics."""
         return {
             "version": STATE_VERSION,
             "step": self.step_count,
@@ -348,6 +380,7 @@ class TuneCompController:
             "original_params": self.original_params,
             "teacher_freed": self.teacher_freed,
             "config": self.config.to_dict(),
+            "schedule_steps": None if self.schedule is None else self.schedule.total_steps,
             "activation_rms": {k: v.cpu().clone() for k, v in self.activation_rms.items()},
         }
 
@@ -355,49 +388,28 @@ class TuneCompController:
         """Restore :meth:`state_dict` into a controller made by ``prepare`` on the same
         model and config. Load it *before* the model's state dict when the checkpoint was
         taken after the blend (it drops the teachers, whose buffers that state dict lacks).
+
+        Raises:
+            ValueError: not a controller state, or one made for other layers or config.
+            ScheduleError: the state is from before the end of the blend but this model's
+                teachers were already freed, so the run cannot continue from it.
         """
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"not a TuneCompController state (version {STATE_VERSION} expected)"
-            )
-        missing = sorted(set(_STATE_KEYS) - set(state))
-        if missing:
-            raise ValueError(f"TuneCompController state is incomplete: missing {missing}")
-        for key, kind in _STATE_KEYS.items():
-            if not isinstance(state[key], kind):
-                raise ValueError(f"TuneCompController state: {key!r} must be a "
-                                 f"{kind.__name__}, got {type(state[key]).__name__}")
-        bad = [k for k, v in {**state["alive"], **state["activation_rms"]}.items()
-               if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise ValueError(f"TuneCompController state: entry {bad[0]!r} is not a tensor")
-        unknown = sorted(set(state["activation_rms"]) - set(self.layers))
-        if unknown:
-            raise ValueError(f"the checkpoint has statistics for unknown layers {unknown[:3]}")
-        mine = self.config.to_dict()
-        diff = sorted(k for k in mine if state["config"].get(k) != mine[k])
-        if diff:
-            raise ValueError(
-                "the checkpoint was made with a different TuneCompConfig; differing fields: "
-                + ", ".join(f"{k}={state['config'].get(k)!r} (now {mine[k]!r})" for k in diff)
-            )
-        alive = state["alive"]
-        if sorted(alive) != sorted(self._names):
-            missing = sorted(set(self._names) - set(alive))
-            extra = sorted(set(alive) - set(self._names))
-            raise ValueError(
-                f"the checkpoint's layers differ from this model's: missing {missing[:3]}, "
-                f"unexpected {extra[:3]}"
+        check_state(state, self.config, dict(zip(self._names, self._ranks_at_start())))
+        saved = state.get("schedule_steps")
+        schedule = self.schedule if saved is None else self.config.resolve_schedule(saved)
+        if self.teacher_freed and not state["teacher_freed"]:
+            blend = "the end of the blend" if schedule is None else (
+                f"the end of the blend (step {schedule.blend_steps})")
+            raise ScheduleError(
+                f"the checkpoint is from step {state['step']}, before {blend}, but this "
+                f"model's teachers were freed at {blend}: the run cannot be continued or "
+                "finished from it. Reload a checkpoint taken after the blend (evaluate and "
+                "save only after it), or prepare a fresh model from the pretrained weights "
+                "and load the checkpoint into that"
             )
         for i, name in enumerate(self._names):
-            a = alive[name]
-            if a.shape != self._alive[i].shape:
-                raise ValueError(
-                    f"layer {name!r}: checkpoint alive flags {list(a.shape)} != model rank "
-                    f"[{self._alive[i].shape[0]}]"
-                )
-        for i, name in enumerate(self._names):
-            self._set_alive(i, alive[name].to("cpu", torch.bool).clone())
+            self._set_alive(i, state["alive"][name].to("cpu", torch.bool).clone())
+        self.schedule = schedule
         self.start_params = int(state["start_params"])
         self.budget_params = int(state["budget_params"])
         self.step_count = int(state["step"])
@@ -408,34 +420,5 @@ class TuneCompController:
             self.free_teacher()
         self._apply(prune=False)
 
-
-_STATE_KEYS = {"step": int, "alive": dict, "start_params": int, "budget_params": int,
-               "teacher_freed": bool, "config": dict, "activation_rms": dict}
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or for a DTensor (parameters sharded by FSDP2 ``fully_shard``) the whole
-    tensor on every rank (an all-gather / all-reduce), so every rank decides alike."""
-    full_tensor = getattr(t, "full_tensor", None)
-    return full_tensor() if callable(full_tensor) else t
-
-
-def _laid_out_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` split across ranks like the DTensor ``ref`` (each rank holds the same ``t``,
-    so no communication); ``t`` itself when ``ref`` is a plain tensor."""
-    mesh = getattr(ref, "device_mesh", None)
-    if mesh is None:
-        return t
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(t, mesh, ref.placements, src_data_rank=None)
-
-
-def _gather_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Detached float32 CPU copies of ``tensors``, with one transfer per device."""
-    flat = [_full(t.detach()).float() for t in tensors]
-    devices = {t.device for t in flat}
-    if len(devices) == 1:
-        joined = torch.cat(flat).cpu()
-        return list(joined.split([t.numel() for t in flat]))
-    return [t.cpu() for t in flat]
+    def _ranks_at_start(self) -> list[int]:
+        return [a.shape[0] for a in self._alive]

@@ -6,13 +6,21 @@
   ``prune_end`` (the target size).
 
 All of them are deterministic in ``t`` alone, so a resumed run recomputes the same values.
+The step counts come from a :class:`~.config.Schedule`: the config's schedule fitted to
+the run's length (``config.resolve_schedule(total_steps)``).
 """
 
 from __future__ import annotations
 
 import math
 
-from .config import TuneCompConfig
+from .config import Schedule, TuneCompConfig
+
+
+class ScheduleError(RuntimeError):
+    """The TuneComp schedule was used or finished wrongly: stepped before its length was
+    known, finalized before the budget was met, or rewound to a state it cannot continue
+    from. The message gives the numbers and what to do."""
 
 
 def blend_scales(blend: str, t: int, T: int) -> tuple[float, float]:
@@ -57,13 +65,20 @@ def _decay(kind: str, t: int, start: int, end: int) -> float:
     raise ValueError(f"unknown schedule {kind!r}")
 
 
-def l1_weight(config: TuneCompConfig, t: int) -> float:
-    """λ_t: ``l1_lambda`` decayed by ``l1_schedule`` to 0 at ``resolved_l1_decay_steps``."""
+def l1_weight(config: TuneCompConfig, t: int, schedule: Schedule | None = None) -> float:
+    """λ_t: ``l1_lambda`` decayed by ``l1_schedule`` to 0 at ``schedule.l1_decay_steps``.
+
+    ``schedule`` defaults to ``config.resolve_schedule()``, which raises ``ValueError`` when
+    the config leaves the run length open (``total_steps=None``)."""
     if config.l1_schedule == "constant":
         return config.l1_lambda
-    return config.l1_lambda * _decay(config.l1_schedule, t, 0, config.resolved_l1_decay_steps)
+    schedule = config.resolve_schedule() if schedule is None else schedule
+    return config.l1_lambda * _decay(config.l1_schedule, t, 0, schedule.l1_decay_steps)
 
 
-def budget_fraction(config: TuneCompConfig, t: int) -> float:
-    """f_t: how far the budget still is from the target (1 = starting size, 0 = target)."""
-    return _decay(config.budget_schedule, t, config.prune_start, config.resolved_prune_end)
+def budget_fraction(config: TuneCompConfig, t: int, schedule: Schedule | None = None) -> float:
+    """f_t: how far the budget still is from the target (1 = starting size, 0 = target),
+    between ``schedule.prune_start`` and ``schedule.prune_end`` (default schedule as in
+    :func:`l1_weight`)."""
+    schedule = config.resolve_schedule() if schedule is None else schedule
+    return _decay(config.budget_schedule, t, schedule.prune_start, schedule.prune_end)

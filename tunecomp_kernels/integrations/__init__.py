@@ -4,7 +4,11 @@
   ``pip install 'tunecomp_kernels[lightning]'``; imported on first access).
 * :mod:`.distributed` — DDP / FSDP2 helpers: :func:`ddp_ignore_teachers`,
   :func:`check_in_sync`, :func:`broadcast_controller`.
-* Hugging Face ``Trainer``: :class:`tunecomp_kernels.compress.TuneCompCallback`.
+* :mod:`.hf_trainer` — Hugging Face ``Trainer``: :class:`TuneCompCallback` and
+  :class:`TuneCompTrainer` (needs ``transformers``; imported on first access; also
+  available as ``tunecomp_kernels.compress.TuneCompCallback`` / ``TuneCompTrainer``).
+* :mod:`.driver` — :class:`ControllerDriver`, what both trainer callbacks do with the
+  controller (schedule fitting, L1 gradients, stepping, checkpoint restore).
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "ControllerDriver": "driver",
+    "TuneCompCallback": "hf_trainer",
     "TuneCompLightningCallback": "lightning",
+    "TuneCompTrainer": "hf_trainer",
     "broadcast_controller": "distributed",
     "check_in_sync": "distributed",
     "controller_fingerprint": "distributed",
