@@ -6,14 +6,23 @@ controller; :func:`run_tunecomp` (prepare → train → finalize) lives in
 Checkpoints are written by :mod:`.checkpoint`; this module only decides when.
 
 Resumable runs: ``train(..., checkpoint_dir=d, checkpoint_every=K)`` writes
-``d/ckpt-<step>.pt`` every K steps and at the end, keeping the newest
-``keep_checkpoints``; ``resume=True`` continues from the newest readable one (skipping,
-with a warning, any that is truncated or corrupt). A non-finite loss or parameter stops the
-run before anything is written.
+``d/ckpt-<step>.pt`` every K steps and after the last step, keeping the newest
+``keep_checkpoints`` (default 2: the last good one and the one before it); ``d`` is
+created if missing and must not hold an earlier run's checkpoints unless ``resume`` is
+set. ``resume=True`` continues from the newest readable checkpoint in ``d`` (skipping,
+with a warning, any that is truncated or corrupt; starting at step 0, with a warning, if
+there is none); ``resume=path`` continues from that file. Call ``train`` with the same
+arguments as the interrupted run, on a freshly prepared model: model, optimiser,
+scheduler, controller, RNG state (torch, CUDA, ``random``, NumPy), the data position and
+the history are restored, so the result equals an uninterrupted run. The data position is
+restored by skipping the batches the run had consumed, which is exact when ``batches``
+yields the same sequence again (a list, a DataLoader without shuffling, a recreated
+iterator). A non-finite loss or parameter stops the run before anything is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -144,34 +153,16 @@ def train(
             and the controller's stats in ``info`` (kept for existing code).
         callbacks: called after every step with a :class:`~.callbacks.StepState`.
         progress: show a progress bar (:class:`~.callbacks.ProgressBar`).
-        checkpoint_dir: directory for checkpoints (created if missing); it must not hold
-            checkpoints of an earlier run unless ``resume`` is set.
-        checkpoint_every: write a checkpoint every this many steps (and after the last
-            step); required with ``checkpoint_dir``.
-        keep_checkpoints: how many of the newest checkpoints to keep (>= 1; default 2, the
-            last good one and the one before it).
-        resume: ``True``: continue from the newest readable checkpoint in
-            ``checkpoint_dir`` (start from step 0, with a warning, if there is none); a
-            path: continue from that checkpoint file. Call ``train`` with the same
-            arguments as the interrupted run, on a freshly prepared model: model,
-            optimiser, scheduler, controller, RNG state (torch, CUDA, ``random``, NumPy),
-            the data position and the history are restored, so the result equals an
-            uninterrupted run. The data position is restored by skipping the batches the
-            run had consumed, which is exact when ``batches`` yields the same sequence
-            again (a list, a DataLoader without shuffling, a recreated iterator).
+        checkpoint_dir, checkpoint_every, keep_checkpoints, resume: resumable runs, see
+            the module's docstring (checkpoint_every is required with checkpoint_dir;
+            keep_checkpoints >= 1; resume is ``True`` or a checkpoint file).
         phase, step_offset, total_steps: how this call sits in a multi-phase run (see
-            :mod:`.pipelines`): the phase's name and the steps before it and in the whole
-            run, as reported in each :class:`~.callbacks.StepState`.
+            :mod:`.pipelines`), as reported in each :class:`~.callbacks.StepState`.
 
-    Returns:
-        :class:`TrainResult` (with a resumed run: the whole run's history). Ends early
-        (with a warning) if an iterator runs out.
-
-    Raises:
-        FloatingPointError: the loss became NaN/inf (before the optimiser step, so the
-            model and the checkpoints keep the last finite state).
-        CheckpointError: ``resume`` names a truncated or corrupt checkpoint, or every
-            checkpoint in ``checkpoint_dir`` is.
+    Returns :class:`TrainResult` (with a resumed run: the whole run's history); ends
+    early, with a warning, if an iterator runs out. Raises ``FloatingPointError`` when the
+    loss becomes NaN/inf (before the optimiser step: the model and checkpoints keep the
+    last finite state), ``CheckpointError`` when the checkpoint to resume from is corrupt.
     """
     _check_train_args(model, optimizer, steps, checkpoint_dir, checkpoint_every,
                       keep_checkpoints, resume)
@@ -187,17 +178,22 @@ def train(
     if loop.rng is not None:  # after skipping: the training steps see the checkpoint's RNG
         restore_rng_state(loop.rng)
     hooks = list(callbacks) + ([legacy_callback(callback)] if callback is not None else [])
-    bar = ProgressBar(steps, initial=start, desc="tunecomp" if controller else "train",
-                      enabled=True) if progress else None
-    report = _Reporter(hooks + ([bar] if bar else []), model, controller,
-                       phase or ("joint" if controller is not None else "dense"),
-                       step_offset, total_steps or steps)
-    try:
+    with _progress(progress, steps, start, controller) as bar:
+        report = _Reporter(hooks + ([bar] if bar else []), model, controller,
+                           phase or ("joint" if controller is not None else "dense"),
+                           step_offset, total_steps or steps)
         loop.run(stream, start, steps, position, result, report)
-    finally:
-        if bar is not None:
-            bar.close()
     return result
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, steps: int, start: int,
+              controller: TuneCompController | None) -> Iterator[ProgressBar | None]:
+    if not enabled:
+        yield None
+        return
+    with ProgressBar(steps, initial=start, desc="tunecomp" if controller else "train") as bar:
+        yield bar
 
 
 @dataclass
