@@ -42,8 +42,7 @@ from tunecomp_kernels.integrations.lightning import TuneCompLightningCallback  #
 
 
 def config(**kw) -> TuneCompConfig:
-    base = {"target_ratio": 0.4, "blend_steps": 3, "total_steps": STEPS, "l1_lambda": 1e-3,
-            "l1_schedule": "constant"}
+    base = {"target_ratio": 0.4, "blend_steps": 3, "l1_lambda": 1e-3, "l1_schedule": "constant"}
     base.update(kw)
     return TuneCompConfig(**base)
 
@@ -60,6 +59,17 @@ class Module(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+class StopAt(L.Callback):
+    """Interrupts a run after ``step`` optimiser steps (as a crash would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
 
 
 def loader(n: int = STEPS):
@@ -92,7 +102,7 @@ def test_runs_the_schedule(tmp_path):
 
 
 def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
-    module = Module(config())
+    module = Module(config(blend_steps=1))
     callback = TuneCompLightningCallback(module.tunecomp, log=False)
     t = trainer(tmp_path, callback, max_steps=2, accumulate_grad_batches=3)
     t.fit(module, loader(6))
@@ -100,7 +110,7 @@ def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
 
 
 def test_l1_gradient_reaches_the_masks(tmp_path):
-    module = Module(config(l1_lambda=0.5))
+    module = Module(config(l1_lambda=0.5, blend_steps=1))
     layer = next(iter(module.tunecomp.layers.values()))
     seen = {}
 
@@ -112,7 +122,7 @@ def test_l1_gradient_reaches_the_masks(tmp_path):
     t = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False,
                   default_root_dir=str(tmp_path), callbacks=[callback, Spy()])
-    reference = Module(config(l1_lambda=0.5))
+    reference = Module(config(l1_lambda=0.5, blend_steps=1))
     x, y = vector_batches(1)[0]
     nn.functional.cross_entropy(reference.net(x), y).backward()
     ref_layer = next(iter(reference.tunecomp.layers.values()))
@@ -129,9 +139,10 @@ def test_resume_after_the_blend_equals_an_uninterrupted_run(tmp_path):
     # interrupted at step 4 (teachers already freed at step 3), resumed in a fresh process
     # state: a newly prepared module (it has teachers again) and the checkpoint
     first = Module(config())
-    t1 = trainer(tmp_path / "b", TuneCompLightningCallback(first.tunecomp, log=False),
-                 max_steps=4)
+    t1 = trainer(tmp_path / "b", TuneCompLightningCallback(first.tunecomp, log=False))
+    t1.callbacks.append(StopAt(4))
     t1.fit(first, loader(1))
+    assert t1.global_step == 4
     ckpt = tmp_path / "step4.ckpt"
     t1.save_checkpoint(ckpt)
     assert "teacher_weight" not in " ".join(torch.load(ckpt, weights_only=False)["state_dict"])

@@ -129,9 +129,14 @@ def unfinished_reason(model: nn.Module, controller: TuneCompController | None = 
             kept += info.dense_params
     target = getattr(config, "target_ratio", None)
     if target is not None and original and kept > math.floor(target * original):
-        counted = "" if controller is None else (
-            f" (the controller counts {controller.ratio:.3f}: were the weights reloaded from "
-            "a checkpoint without the controller state saved with it?)")
+        if controller is not None:
+            counted = (f" (the controller counts {controller.ratio:.3f}: were the weights "
+                       "reloaded from a checkpoint without the controller state saved with it?)")
+        else:
+            counted = (" (no TuneComp controller of this model is alive; if it never stepped, "
+                       "the training callback was missing: TuneCompCallback, "
+                       "TuneCompLightningCallback, or controller.step() after each optimiser "
+                       "step)")
         return (f"the model's masks keep {kept / original:.3f} of the targeted parameters "
                 f"({kept} of {original}), over target_ratio={target}{counted}: the budget "
                 "is not met")

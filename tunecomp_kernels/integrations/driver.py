@@ -74,7 +74,7 @@ class ControllerDriver:
         try:
             c.fit_schedule(int(planned_steps))
         except (ValueError, ScheduleError) as exc:
-            raise type(exc)(f"{self.owner}: the schedule does not fit {source}: {exc}") from exc
+            raise type(exc)(f"{self.owner}, fitting the schedule to {source}: {exc}") from exc
         self.offset = global_step - c.step_count
         self._distill_mark = c.distill_terms
 

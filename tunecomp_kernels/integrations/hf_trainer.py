@@ -92,7 +92,7 @@ class TuneCompCallback(TrainerCallback):
             self.driver.restore(_read_state(folder, "resuming"), for_export=False,
                                 where=folder)
         self.driver.begin(state.max_steps, state.global_step,
-                          source=f"the Trainer's {state.max_steps} optimiser steps (max_steps)")
+                          source=f"the HF Trainer's {state.max_steps} optimiser steps")
         _warn_early_best(args, c)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

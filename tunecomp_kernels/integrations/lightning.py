@@ -143,7 +143,8 @@ class TuneCompLightningCallback(Callback):
         controller's step with the trainer's optimiser-step counter."""
         planned = trainer.estimated_stepping_batches
         self.driver.begin(planned, trainer.global_step,
-                          source=f"the Lightning Trainer's {planned} planned optimiser steps")
+                          source=f"the Lightning Trainer's {planned} optimiser steps "
+                          "(estimated_stepping_batches)")
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self.driver.before_optimizer_step()
