@@ -4,7 +4,6 @@ import sys
 import pytest
 import torch
 
-
 # Tests import the shared helpers (helpers.py, tiny_models.py) from this folder.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
