@@ -80,6 +80,7 @@ def _tiny_bert(hidden: int, layers: int) -> nn.Module:
 @command("demo", "convert a small BERT's block linears to MaskedLowRankLinear and compare")(
     _demo_args)
 def _demo(args: argparse.Namespace) -> int:
+    from .compress.targets import dense_weight, find_targets, layer_dims, set_submodule
     from .nn import MaskedLowRankLinear
 
     if not 0.0 < args.rank_ratio <= 1.0:
@@ -90,16 +91,15 @@ def _demo(args: argparse.Namespace) -> int:
     with torch.no_grad():
         dense_out = model(ids).last_hidden_state
 
-    targets = [(name, mod) for name, mod in model.named_modules()
-               if isinstance(mod, nn.Linear) and ".layer." in name]
-    before = sum(m.weight.numel() for _, m in targets)
+    targets = list(find_targets(model).items())  # the same default rule as prepare()
+    before = sum(dense_weight(m).numel() for _, m in targets)
     after = 0
-    for name, linear in targets:
-        rank = max(1, round(args.rank_ratio * min(linear.in_features, linear.out_features)))
-        low = MaskedLowRankLinear.from_linear(linear, rank=rank)
+    for name, dense in targets:
+        rank = max(1, round(args.rank_ratio * min(layer_dims(dense))))
+        low = MaskedLowRankLinear.from_dense(dense_weight(dense), getattr(dense, "bias", None),
+                                             rank=rank)
         after += low.U.numel() + low.V.numel()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, low)
+        set_submodule(model, name, low)
 
     with torch.no_grad():
         low_out = model(ids).last_hidden_state

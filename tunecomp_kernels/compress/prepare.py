@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.init import asvd_factors, svd_factors, svd_llm_factors
+from ..nn.init import lowrank_factors
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .budget import min_feasible_params
 from .calibration import ActivationStats, collect_statistics
@@ -21,8 +21,8 @@ from .targets import (
     TargetInfo,
     dense_weight,
     find_targets,
-    layer_dims,
-    origin_of,
+    keep_layer_forwards,
+    make_target_infos,
     set_submodule,
 )
 
@@ -36,18 +36,13 @@ def factor_weight(
     stats: ActivationStats | None = None,
     asvd_alpha: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U [out, rank]``, ``V [rank, in]`` (float64) with ``U·V ≈ weight [out, in]``."""
-    if init == "svd":
-        return svd_factors(weight, rank)
-    if stats is None:
-        raise ValueError(f"init={init!r} needs calibration statistics")
-    if init == "asvd":
-        return asvd_factors(weight, rank, stats.abs_mean, asvd_alpha)
-    if init == "svd_llm":
-        if stats.gram is None:
-            raise ValueError("init='svd_llm' needs the Gram matrix of the calibration inputs")
-        return svd_llm_factors(weight, rank, stats.gram)
-    raise ValueError(f"unknown init {init!r}")
+    """``U [out, rank]``, ``V [rank, in]`` (float64) with ``U·V ≈ weight [out, in]``
+    (:func:`~tunecomp_kernels.nn.init.lowrank_factors` with ``stats``' statistics)."""
+    return lowrank_factors(
+        weight, rank, init,
+        input_abs_mean=None if stats is None or init != "asvd" else stats.abs_mean,
+        gram=None if stats is None else stats.gram, asvd_alpha=asvd_alpha,
+    )
 
 
 def build_lowrank(
@@ -61,19 +56,12 @@ def build_lowrank(
     backend: str = "auto",
 ) -> MaskedLowRankLinear:
     """A :class:`MaskedLowRankLinear` of ``rank`` factored from ``module`` (Linear or
-    Conv1D), with a copy of its bias and ``info`` attached (no teacher)."""
-    weight = dense_weight(module)
-    bias = getattr(module, "bias", None)
-    layer = MaskedLowRankLinear(
-        info.in_features, info.out_features, rank, bias=bias is not None,
-        device=weight.device, dtype=weight.dtype, backend=backend,
+    Conv1D) by :meth:`MaskedLowRankLinear.from_dense`, with a copy of its bias and
+    ``info`` attached (no teacher)."""
+    layer = MaskedLowRankLinear.from_dense(
+        dense_weight(module), getattr(module, "bias", None), rank=rank, init=init,
+        stats=stats, asvd_alpha=asvd_alpha, backend=backend,
     )
-    U, V = factor_weight(weight, rank, init, stats, asvd_alpha)
-    with torch.no_grad():
-        layer.U.copy_(U)
-        layer.V.copy_(V)
-        if bias is not None:
-            layer.bias.copy_(bias)
     setattr(layer, INFO_ATTR, info)
     return layer
 
@@ -172,11 +160,7 @@ def prepare(
     if not isinstance(config, TuneCompConfig):
         raise TypeError(f"config must be a TuneCompConfig, got {type(config).__name__}")
     targets = select_targets(model, config)
-    infos = {}
-    for name, mod in targets.items():
-        in_f, out_f = layer_dims(mod)
-        infos[name] = TargetInfo(name, in_f, out_f, getattr(mod, "bias", None) is not None,
-                                 origin_of(mod))
+    infos = make_target_infos(targets)
     check_feasible(list(infos.values()), config)
     check_finite(targets)
 
@@ -206,7 +190,7 @@ def prepare(
         rank = min(full, max(config.min_rank, math.ceil(config.init_rank_ratio * full)))
         layer = build_lowrank(mod, info, rank, config.init, stats.get(name),
                               asvd_alpha=config.asvd_alpha, backend=config.backend)
-        if config.blend_steps > 0:
+        if config.keeps_teacher:
             layer.set_teacher(dense_weight(mod), getattr(mod, "bias", None))
         for p_new, p_old in ((layer.U, mod.weight), (layer.V, mod.weight),
                              (layer.mask, mod.weight)):
@@ -216,6 +200,7 @@ def prepare(
         set_submodule(model, name, layer)
         layers[name] = layer
     targets.clear()
+    keep_layer_forwards(model, list(layers))
 
     setattr(model, CONFIG_ATTR, config)
     rms = {n: s.rms.float() for n, s in stats.items()}

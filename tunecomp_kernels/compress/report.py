@@ -106,11 +106,37 @@ class CompressionReport:
         return "\n".join(lines)
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Elements of ``model``'s parameters, each stored tensor counted once.
+
+    Tied weights (one tensor under several names, or parameters viewing the same memory)
+    count once: parameters are grouped by their storage and each distinct view of it
+    (offset, shape, stride) is counted, so a storage is never counted twice.
+    """
+    seen: set[tuple] = set()
+    total = 0
+    for _, p in model.named_parameters(remove_duplicate=False):
+        if p.numel() and p.device.type != "meta":
+            key = (p.device, p.untyped_storage().data_ptr(), p.storage_offset(),
+                   tuple(p.shape), p.stride())
+        else:
+            key = ("id", id(p))
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
+    return total
+
+
 def compression_report(model: nn.Module) -> CompressionReport:
     """Count the parameters of ``model``'s TuneComp layers before and after compression.
 
     Works on a prepared model mid-training (counting alive ranks and what the layer will
-    be when finalized), on a finalized one and on one from ``load_compressed``.
+    be when finalized), on a finalized one and on one from ``load_compressed``. Every
+    tensor is counted once, by storage (:func:`count_parameters`), so tied weights never
+    count twice; ``prepare`` refuses to convert a layer whose weight is tied.
+
+    Raises:
+        ValueError: the model has no TuneComp layers.
     """
     rows: list[LayerReport] = []
     stored_now = 0  # weight parameters the targeted layers hold right now
@@ -135,7 +161,7 @@ def compression_report(model: nn.Module) -> CompressionReport:
                                     None, info.dense_params, info.dense_params))
     if not rows:
         raise ValueError("the model has no TuneComp layers: call prepare(model, config) first")
-    total_now = sum(p.numel() for p in model.parameters())
+    total_now = count_parameters(model)
     config = getattr(model, "tunecomp_config", None)
     before = sum(r.params_before for r in rows)
     return CompressionReport(

@@ -10,6 +10,7 @@ know the "before" sizes after the module has been replaced.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -158,6 +159,14 @@ def find_targets(
     with a :data:`HEAD_NAMES` component. Otherwise a layer is selected when one ``include``
     pattern matches (``re.search``). ``exclude`` patterns always remove layers. Layers that
     cannot get smaller at any rank (e.g. ``out_features == 1``) are skipped.
+
+    Layers that converting would break (see :func:`structure_problems`: tied weights, one
+    module under several parents, frozen layers, parents that read ``.weight``/``.bias``
+    directly) are left out of the default selection with one ``UserWarning`` per kind
+    naming them.
+
+    Raises:
+        ValueError: an ``include`` pattern selects such a layer.
     """
     candidates = [(n, m) for n, m in model.named_modules() if n and is_supported(m)]
     if include is None:
@@ -167,10 +176,151 @@ def find_targets(
         candidates = [(n, m) for n, m in candidates if not _is_head(n)]
     else:
         candidates = [(n, m) for n, m in candidates if any(p.search(n) for p in include)]
-    return {
+    selected = {
         n: m for n, m in candidates
         if not any(p.search(n) for p in exclude) and _compressible(m)
     }
+    problems = structure_problems(model, selected)
+    if not problems:
+        return selected
+    if include is not None:
+        lines = "; ".join(f"{name!r} {why}" for name, (_, why) in problems.items())
+        raise ValueError(
+            f"cannot convert {len(problems)} explicitly included layer(s): {lines}. "
+            "Leave them out of include= or add them to exclude="
+        )
+    by_kind: dict[str, list[str]] = {}
+    for name, (kind, _) in problems.items():
+        by_kind.setdefault(kind, []).append(name)
+    for kind, names in by_kind.items():
+        warnings.warn(
+            f"TuneComp leaves {len(names)} layer(s) dense: {', '.join(names)} "
+            f"({_PROBLEM_TEXT[kind]}); include them explicitly to get an error with details",
+            UserWarning, stacklevel=3,
+        )
+    return {n: m for n, m in selected.items() if n not in problems}
+
+
+def make_target_infos(targets: dict[str, nn.Module]) -> dict[str, TargetInfo]:
+    """A :class:`TargetInfo` for each selected (still dense) layer, by name."""
+    infos = {}
+    for name, mod in targets.items():
+        in_f, out_f = layer_dims(mod)
+        infos[name] = TargetInfo(name, in_f, out_f, getattr(mod, "bias", None) is not None,
+                                 origin_of(mod))
+    return infos
+
+
+# --- model structures that converting a layer would break -------------------------------
+
+#: (parent type, child attribute): parents that compute with the child's ``.weight`` and
+#: ``.bias`` themselves instead of calling it, so a converted child's forward (and the
+#: teacher blend) would be bypassed. nn.MultiheadAttention passes ``out_proj.weight`` to
+#: ``F.multi_head_attention_forward`` in training and in eval mode.
+DIRECT_READERS: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.MultiheadAttention, "out_proj"),
+)
+
+_PROBLEM_TEXT = {
+    "tied": "their weight is shared with another module (tied weights); converting would "
+            "untie it and grow the model",
+    "aliased": "the same module is reachable under several names; only one of them would "
+               "be converted",
+    "frozen": "frozen by the user (weight.requires_grad=False); TuneComp would change them",
+    "direct": "their parent reads .weight/.bias directly instead of calling the layer, "
+              "which would bypass the teacher blend",
+}
+
+
+def _storage_key(t: torch.Tensor) -> tuple | None:
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def structure_problems(
+    model: nn.Module, selected: dict[str, nn.Module]
+) -> dict[str, tuple[str, str]]:
+    """Why converting each of ``selected`` would be wrong, by name: ``(kind, reason)``
+    with kind ``"tied"``, ``"aliased"``, ``"frozen"`` or ``"direct"``; layers that are
+    fine are absent."""
+    if not selected:
+        return {}
+    all_names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        all_names.setdefault(id(mod), []).append(name)
+    owners: dict[tuple, list[str]] = {}
+    tensors = [*model.named_parameters(remove_duplicate=False),
+               *model.named_buffers(remove_duplicate=False)]
+    for tname, t in tensors:
+        key = _storage_key(t)
+        if key is not None:
+            owners.setdefault(key, []).append(tname)
+    problems: dict[str, tuple[str, str]] = {}
+    for name, mod in selected.items():
+        why = _problem_of(model, mod, all_names[id(mod)], owners)
+        if why is not None:
+            problems[name] = why
+    return problems
+
+
+def _problem_of(
+    model: nn.Module, mod: nn.Module, names: list[str], owners: dict[tuple, list[str]]
+) -> tuple[str, str] | None:
+    slots = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        slots[(id(parent), child)] = (name, parent, child)
+    if len(slots) > 1:
+        return "aliased", (f"is one module reachable as {', '.join(repr(n) for n in names)}; "
+                           "converting it under one name would leave the others dense")
+    own = {f"{n}.{p}" for n in names for p in ("weight", "bias")}
+    for what in ("weight", "bias"):
+        t = getattr(mod, what, None)
+        key = None if t is None else _storage_key(t)
+        others = [] if key is None else [o for o in owners.get(key, []) if o not in own]
+        if others:
+            return "tied", (f"shares its {what} with {others[0]!r} (tied weights); converting "
+                            "it would untie them and add a matrix to the model")
+    if not mod.weight.requires_grad:
+        return "frozen", ("is frozen (weight.requires_grad=False); TuneComp would change its "
+                          "function, so it stays as it is")
+    (_, parent, child), = slots.values()
+    for parent_type, attr in DIRECT_READERS:
+        if isinstance(parent, parent_type) and child == attr:
+            return "direct", (f"is read directly by its parent {type(parent).__name__} "
+                              f"({child}.weight/.bias go into the attention kernel without "
+                              "calling the layer), which would bypass the teacher blend")
+    return None
+
+
+def _forward_pre_hook_noop(module: nn.Module, args: tuple) -> None:
+    """Does nothing; its presence makes nn.TransformerEncoderLayer skip its fast path."""
+    return None
+
+
+def keep_layer_forwards(model: nn.Module, names: Sequence[str]) -> None:
+    """Make sure the converted layers ``names`` are called rather than read.
+
+    In eval mode without gradients, ``nn.TransformerEncoderLayer`` runs a fused kernel on
+    ``linear1.weight``/``linear2.weight`` instead of calling those layers. The layer skips
+    that path when any submodule has a forward hook, so each converted ``linear1``/
+    ``linear2`` gets a no-op forward pre-hook (once); and ``nn.TransformerEncoder`` stops
+    turning padded batches into nested tensors (``use_nested_tensor = False``), which only
+    the fused path accepts.
+    """
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
+            layer = getattr(parent, child)
+            if _forward_pre_hook_noop not in layer._forward_pre_hooks.values():
+                layer.register_forward_pre_hook(_forward_pre_hook_noop)
+    for mod in model.modules():
+        if isinstance(mod, nn.TransformerEncoder) and any(
+                _forward_pre_hook_noop in m._forward_pre_hooks.values() for m in mod.modules()):
+            mod.use_nested_tensor = False
 
 
 def target_infos(model: nn.Module) -> dict[str, TargetInfo]:

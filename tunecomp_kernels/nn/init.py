@@ -52,3 +52,33 @@ def svd_llm_factors(
     # V·L⁻¹ without forming the inverse: solve Lᵀ Zᵀ = Vᵀ.
     V = torch.linalg.solve_triangular(L.t(), V.t(), upper=True).t()
     return U, V
+
+
+def lowrank_factors(
+    weight: torch.Tensor,
+    rank: int,
+    init: str = "svd",
+    *,
+    input_abs_mean: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
+    asvd_alpha: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U [out, rank]``, ``V [rank, in]`` (float64) with ``U·V ≈ weight [out, in]`` by
+    ``init``: ``"svd"``, ``"asvd"`` (needs ``input_abs_mean [in]``) or ``"svd_llm"`` (needs
+    ``gram [in, in]``).
+
+    Raises:
+        ValueError: unknown ``init``, or the statistic it needs is missing.
+    """
+    if init not in INIT_METHODS:
+        raise ValueError(f"unknown init {init!r}; choose one of {list(INIT_METHODS)}")
+    if init == "svd":
+        return svd_factors(weight, rank)
+    if init == "asvd":
+        if input_abs_mean is None:
+            raise ValueError("init='asvd' needs input_abs_mean [in] from calibration data")
+        return asvd_factors(weight, rank, input_abs_mean, asvd_alpha)
+    if gram is None:
+        raise ValueError("init='svd_llm' needs gram [in, in] from calibration data "
+                         "(the Gram matrix of the calibration inputs)")
+    return svd_llm_factors(weight, rank, gram)

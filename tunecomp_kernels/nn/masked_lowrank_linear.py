@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 from ..ops.api import masked_lowrank_linear
 from ..ops.backends import check_backend_name
 from ..ops.validation import SUPPORTED_DTYPES
-from .init import INIT_METHODS, asvd_factors, svd_factors, svd_llm_factors
+from .init import INIT_METHODS, lowrank_factors
 
 
 def _check_size(name: str, value: object) -> int:
@@ -19,6 +20,14 @@ def _check_size(name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+class FactorStats(NamedTuple):
+    """Calibration statistics a data-aware init reads (any object with these attributes
+    works): ``abs_mean [in]`` for ASVD, ``gram [in, in]`` for SVD-LLM."""
+
+    abs_mean: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
 
 
 class MaskedLowRankLinear(nn.Module):
@@ -171,6 +180,69 @@ class MaskedLowRankLinear(nn.Module):
     # --- conversion ----------------------------------------------------------------------
 
     @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        rank: int | None = None,
+        init: str = "svd",
+        stats: FactorStats | None = None,
+        asvd_alpha: float = 0.5,
+        backend: str = "auto",
+    ) -> MaskedLowRankLinear:
+        """The one constructor from a dense layer: factor ``weight [out, in]`` into
+        ``U [out, rank]``, ``V [rank, in]`` and copy ``bias [out]``.
+
+        ``init`` is ``"svd"`` (truncated SVD), ``"asvd"`` (needs ``stats.abs_mean [in]``,
+        mean |x| per input channel) or ``"svd_llm"`` (needs ``stats.gram [in, in]``, Σ xᵀx);
+        ``stats`` is any object with those attributes, e.g. the compress package's
+        ``ActivationStats``. ``rank=None`` keeps full rank ``min(in, out)``, which reproduces
+        ``x Wᵀ + b`` to rounding. Factors are computed in float64; the layer gets
+        ``weight``'s device and dtype, no teacher, a mask of ones and scale 1. An HF
+        ``Conv1D`` stores its weight ``[in, out]``: pass ``conv.weight.t()``.
+
+        Raises:
+            TypeError: ``weight`` is not a tensor.
+            ValueError: ``weight`` is not 2-D, holds NaN/inf or has an unsupported dtype;
+                ``bias`` or a statistic has the wrong shape; ``rank`` is out of
+                ``[1, min(in, out)]``; ``init`` is unknown or its statistic is missing.
+        """
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D [out, in], got shape {list(weight.shape)}")
+        if init not in INIT_METHODS:
+            raise ValueError(f"unknown init {init!r}; choose one of {list(INIT_METHODS)}")
+        out_f, in_f = weight.shape
+        rank = min(in_f, out_f) if rank is None else rank
+        if bias is not None and tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias must have shape [{out_f}] for weight [{out_f}, {in_f}], "
+                             f"got {list(bias.shape)}")
+        if weight.is_floating_point():
+            bad = int((~torch.isfinite(weight.detach())).sum())
+            if bad:
+                raise ValueError(f"weight [{out_f}, {in_f}] has {bad} NaN/inf values; "
+                                 "cannot factor it")
+        abs_mean = getattr(stats, "abs_mean", None)
+        gram = getattr(stats, "gram", None)
+        for what, stat, expected in (("input_abs_mean", abs_mean, (in_f,)),
+                                     ("gram", gram, (in_f, in_f))):
+            if stat is not None and tuple(stat.shape) != expected:
+                raise ValueError(f"{what} must have shape {list(expected)} for a Linear with "
+                                 f"in_features={in_f}, got {list(stat.shape)}")
+        layer = cls(in_f, out_f, rank, bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype, backend=backend)
+        U, V = lowrank_factors(weight, rank, init, input_abs_mean=abs_mean, gram=gram,
+                               asvd_alpha=asvd_alpha)
+        with torch.no_grad():
+            layer.U.copy_(U)
+            layer.V.copy_(V)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -183,44 +255,22 @@ class MaskedLowRankLinear(nn.Module):
         backend: str = "auto",
     ) -> MaskedLowRankLinear:
         """Factor ``linear``'s weight by truncated SVD (or ASVD / SVD-LLM, which need
-        calibration statistics: ``input_abs_mean [in]`` or ``gram [in, in]``).
+        calibration statistics: ``input_abs_mean [in]`` or ``gram [in, in]``); see
+        :meth:`from_dense`, which this calls.
 
         ``rank=None`` keeps full rank ``min(in, out)``, which reproduces the Linear's output
         to rounding. The result has ``linear``'s device and dtype and a copy of its bias.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        if init not in INIT_METHODS:
-            raise ValueError(f"unknown init {init!r}; choose one of {list(INIT_METHODS)}")
         out_f, in_f = linear.weight.shape
-        rank = min(in_f, out_f) if rank is None else rank
         bad = int((~torch.isfinite(linear.weight.detach())).sum())
-        if bad:
+        if bad:  # named after the Linear's attribute, which is what the caller passed
             raise ValueError(f"linear.weight [{out_f}, {in_f}] has {bad} NaN/inf values; "
                              "cannot factor it")
-        for stat, expected in ((input_abs_mean, (in_f,)), (gram, (in_f, in_f))):
-            if stat is not None and tuple(stat.shape) != expected:
-                what = "input_abs_mean" if stat is input_abs_mean else "gram"
-                raise ValueError(f"{what} must have shape {list(expected)} for a Linear with "
-                                 f"in_features={in_f}, got {list(stat.shape)}")
-        layer = cls(in_f, out_f, rank, bias=linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, backend=backend)
-        if init == "svd":
-            U, V = svd_factors(linear.weight, rank)
-        elif init == "asvd":
-            if input_abs_mean is None:
-                raise ValueError("init='asvd' needs input_abs_mean [in] from calibration data")
-            U, V = asvd_factors(linear.weight, rank, input_abs_mean, asvd_alpha)
-        else:
-            if gram is None:
-                raise ValueError("init='svd_llm' needs gram [in, in] from calibration data")
-            U, V = svd_llm_factors(linear.weight, rank, gram)
-        with torch.no_grad():
-            layer.U.copy_(U)
-            layer.V.copy_(V)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        return layer
+        return cls.from_dense(linear.weight, linear.bias, rank=rank, init=init,
+                              stats=FactorStats(input_abs_mean, gram),
+                              asvd_alpha=asvd_alpha, backend=backend)
 
     @torch.no_grad()
     def compact(self) -> MaskedLowRankLinear:
