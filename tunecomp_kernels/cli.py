@@ -59,9 +59,21 @@ def _info(args: argparse.Namespace) -> int:
 
 # --- tunecomp demo ---------------------------------------------------------------------
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _demo_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rank-ratio", type=float, default=0.5,
-                        help="rank of each converted layer as a fraction of min(in, out)")
+    parser.add_argument("--rank-ratio", type=_fraction, default=0.5,
+                        help="rank of each converted layer as a fraction of min(in, out), "
+                             "in (0, 1] (default 0.5)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size of the model")
     parser.add_argument("--layers", type=int, default=4, help="number of transformer blocks")
     parser.add_argument("--seed", type=int, default=0)
@@ -129,9 +141,13 @@ def _compress(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
         prog="tunecomp",
         description="Fine-tune and compress models into masked low-rank layers.")
+    parser.add_argument("--version", action="version",
+                        version=f"tunecomp_kernels {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, _run) in _COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
@@ -139,9 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``tunecomp`` command."""
+    """Entry point of the ``tunecomp`` command.
+
+    Returns the exit status: 0 done, 2 a bad argument (one line on stderr, prefixed
+    ``tunecomp <command>: error:``), or what the command returns.
+    """
     args = build_parser().parse_args(argv)
-    return _COMMANDS[args.command][2](args)
+    try:
+        return _COMMANDS[args.command][2](args)
+    except SystemExit as exc:
+        # A command that stops with a message gets argparse's prefix and status 2.
+        if isinstance(exc.code, str):
+            print(f"tunecomp {args.command}: error: {exc.code}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Downstream tasks for ``tunecomp compress`` and the reproduction: data, models, evaluation."""
 
-from .text_classification import (
+from .classifier import evaluate, load_classifier, load_tokenizer, measure_latency
+from .data import (
     DataError,
     Dataset,
     Encoded,
@@ -8,11 +9,7 @@ from .text_classification import (
     Splits,
     encode,
     eval_batches,
-    evaluate,
-    load_classifier,
     load_dataset,
-    load_tokenizer,
-    measure_latency,
     resolve_sizes,
     stratified_split,
     train_batches,

