@@ -156,9 +156,9 @@ def _warn_early_best(args: Any, controller: TuneCompController) -> None:
     schedule = controller.schedule
     if not getattr(args, "load_best_model_at_end", False) or schedule is None:
         return
-    strategy = str(getattr(args, "eval_strategy", ""))
+    strategy = getattr(args, "eval_strategy", None)
     delay = getattr(args, "eval_delay", 0) or 0
-    if strategy.endswith("steps") and delay < schedule.end:
+    if getattr(strategy, "value", strategy) == "steps" and delay < schedule.end:
         warnings.warn(
             f"load_best_model_at_end=True evaluates checkpoints before step {schedule.end}, "
             "the end of the TuneComp schedule; if one of them is the best, reloading it will "
