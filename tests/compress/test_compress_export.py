@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ import tunecomp_kernels.compress.export as export_mod
 from tunecomp_kernels import MaskedLowRankLinear
 from tunecomp_kernels.compress import (
     TuneCompConfig,
+    compress_to_budget,
     compression_report,
     finalize,
     load_compressed,
@@ -208,3 +210,77 @@ def test_save_is_atomic_and_never_clobbers(tmp_path, monkeypatch):
     a_file.write_text("x")
     with pytest.raises(FileExistsError, match="not a directory"):
         save_compressed(second, a_file)
+
+
+# --- the given base model must compute like the saved one's -------------------------------
+
+
+def _saved_truncated(make_model, tmp_path):
+    model = compress_to_budget(make_model(), TuneCompConfig(target_ratio=0.5))
+    return model.eval(), save_compressed(model, tmp_path / "saved")
+
+
+def _rebuilt(make_model, **changes):
+    """``make_model()``'s architecture with config fields changed (dict values are merged
+    into the nested config, e.g. rope parameters)."""
+    config = make_model().config.to_dict()
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    model = make_model()
+    return type(model)(type(model.config).from_dict(config))
+
+
+CONFIG_CHANGES = [
+    ("bert", {"hidden_act": "relu"}, "hidden_act: saved gelu, given relu"),
+    ("bert", {"layer_norm_eps": 1e-5}, "layer_norm_eps: saved 1e-12, given 1e-05"),
+    ("bert", {"num_attention_heads": 2}, "num_attention_heads: saved 4, given 2"),
+    ("bert", {"type_vocab_size": 3}, "type_vocab_size: saved 2, given 3"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function: saved gelu_new, given relu"),
+    ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights: saved True, given False"),
+    ("llama", {"rms_norm_eps": 1e-5}, "rms_norm_eps: saved 1e-06, given 1e-05"),
+    ("llama", {"rope_parameters": {"rope_theta": 500000.0}},
+     "rope_parameters.rope_theta: saved 10000.0, given 500000.0"),
+    ("llama", {"num_key_value_heads": 4}, "num_key_value_heads: saved 2, given 4"),
+    ("vit", {"qkv_bias": False}, "qkv_bias: saved True, given False"),
+]
+
+
+@pytest.mark.parametrize("arch, changes, message", CONFIG_CHANGES,
+                         ids=[f"{a}-{next(iter(c))}" for a, c, _ in CONFIG_CHANGES])
+def test_load_refuses_a_base_model_with_another_config(arch, changes, message, tmp_path):
+    make_model = HF[arch][0]
+    _, path = _saved_truncated(make_model, tmp_path)
+    files_before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.iterdir()}
+    other = _rebuilt(make_model, **changes)
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    config_before = other.config.to_dict()
+    with pytest.raises(ValueError, match=r"^base model mismatch: " + re.escape(message)):
+        load_compressed(path, model=other)
+    assert not any(isinstance(m, MaskedLowRankLinear) for m in other.modules())
+    assert state.keys() == other.state_dict().keys()
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
+    assert other.config.to_dict() == config_before
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in path.iterdir()} == files_before
+
+
+def test_load_ignores_config_fields_that_do_not_change_the_computation(tmp_path):
+    model, path = _saved_truncated(tiny_bert, tmp_path)
+    batch = text_batches(1)[0]
+    with torch.no_grad():
+        expected = model(**batch).logits
+    given = _rebuilt(tiny_bert, output_hidden_states=True, use_cache=False,
+                     id2label={0: "neg", 1: "neu", 2: "pos"},
+                     label2id={"neg": 0, "neu": 1, "pos": 2}, problem_type=None,
+                     _name_or_path="/somewhere/else", initializer_range=0.5)
+    loaded = load_compressed(path, model=given).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)
+
+
+def test_config_differences_lists_every_field_with_dotted_names():
+    from tunecomp_kernels.compress.base_model import config_differences
+
+    saved = {"a": 1, "dtype": "float32", "rope": {"theta": 1.0, "type": "x"}, "only_saved": 2}
+    given = {"a": 2, "dtype": "bfloat16", "rope": {"theta": 1.0, "type": "y"}}
+    assert config_differences(saved, given) == [
+        ("a", 1, 2), ("only_saved", 2, "<absent>"), ("rope.type", "x", "y")]

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
+from .base_model import check_base_config
 from .budget import lowrank_is_smaller
 from .checkpoint import atomic_write, fsync_path
 from .config import TuneCompConfig
@@ -405,8 +406,10 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
 
     Raises:
         FileNotFoundError: missing directory or file.
-        ValueError: corrupt files, or a base model whose names/shapes do not match
-            (the passed model is then left as it was). Loading never writes to disk.
+        ValueError: corrupt files, or a base model whose names/shapes or config do not
+            match (``base model mismatch: <field>: saved <a>, given <b>``, see
+            :mod:`.base_model`); the passed model is then left as it was. Loading never
+            writes to disk.
     """
     path = Path(path)
     meta = read_metadata(path)
@@ -429,6 +432,8 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     elif any(isinstance(getattr(m, INFO_ATTR, None), TargetInfo) for m in model.modules()):
         raise ValueError("model already holds TuneComp layers: pass an uncompressed instance")
+    else:
+        check_base_config(meta.get("hf_model"), model)
 
     originals = _replace_layers(model, meta["layers"])
     try:
