@@ -32,6 +32,7 @@ from tunecomp_kernels.compress import (
     run_tunecomp,
     train,
 )
+from tunecomp_kernels.compress.schedules import ScheduleError
 
 ARCHS = {
     "bert": (tiny_bert, lambda: text_batches(4)),
@@ -47,7 +48,7 @@ EXPECTED_TARGETS = {"bert": 12, "gpt2": 8, "llama": 14, "vit": 12}
 def test_prepare_train_finalize(arch, init):
     make_model, make_batches = ARCHS[arch]
     model, batches = make_model(), make_batches()
-    cfg = TuneCompConfig(target_ratio=0.4, init=init, blend_steps=3, total_steps=4)
+    cfg = TuneCompConfig(target_ratio=0.4, init=init, blend_steps=3, total_steps=4, score="auto")
     controller = prepare(model, cfg, calibration=batches[:2] if init != "svd" else None)
     assert len(controller.layers) == EXPECTED_TARGETS[arch]
     assert controller.score_kind == ("magnitude" if init == "svd" else "activation")
@@ -200,7 +201,7 @@ def test_conv1d_layers_become_lowrank_with_transposed_weight():
     x = torch.randn(3, 32)
     expected = conv(x)
     controller = prepare(model, TuneCompConfig(target_ratio=0.5, blend_steps=0, total_steps=1,
-                                               prune_end=1))
+                                               prune_end=1, init_rank_ratio=1.0))
     layer = model.transformer.h[0].attn.c_attn
     assert isinstance(layer, MaskedLowRankLinear)
     assert (layer.in_features, layer.out_features) == (32, 96)
@@ -251,8 +252,11 @@ def test_step_after_finalize_is_an_error():
         controller.step()
 
 
-def test_finalize_before_blend_end_warns():
+def test_finalize_before_blend_end_is_refused_unless_partial():
     model = block_net()
-    prepare(model, TuneCompConfig(blend_steps=4, total_steps=4), forward=forward_x)
-    with pytest.warns(UserWarning, match="before the blend ended"):
+    controller = prepare(model, TuneCompConfig(blend_steps=4, total_steps=4), forward=forward_x)
+    with pytest.raises(ScheduleError, match="never stepped"):
         finalize(model)
+    with pytest.warns(UserWarning, match="allow_partial=True") as caught:
+        finalize(model, allow_partial=True)
+    assert len(caught) == 1 and controller.finalized
