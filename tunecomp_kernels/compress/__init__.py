@@ -38,6 +38,8 @@ from .config import TuneCompConfig
 from .controller import TuneCompController
 from .export import load_compressed, read_metadata, save_compressed
 from .finalize import finalize
+from .hf_format import guard_save_pretrained
+from .merge import merge_and_unload
 from .pipelines import (
     TrainingPlan,
     compress_then_finetune,
@@ -83,10 +85,12 @@ __all__ = [
     "find_targets",
     "finetune_then_compress",
     "finetune_truncate_finetune",
+    "guard_save_pretrained",
     "l1_weight",
     "list_checkpoints",
     "load_checkpoint",
     "load_compressed",
+    "merge_and_unload",
     "prepare",
     "read_checkpoint",
     "read_metadata",

@@ -35,6 +35,7 @@ from .base_model import check_base_config
 from .budget import lowrank_is_smaller
 from .checkpoint import atomic_write, fsync_path
 from .config import TuneCompConfig
+from .hf_format import with_hf_files
 from .output_dir import META_FILE, check_destination, install_files, staging_dir
 from .prepare import CONFIG_ATTR
 from .targets import INFO_ATTR, TargetInfo, is_supported, layer_dims, set_submodule
@@ -161,6 +162,7 @@ def save_compressed(
     config: TuneCompConfig | None = None,
     overwrite: bool = True,
     extra_files: dict[str, bytes] | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Save a finalized model to directory ``path`` atomically; returns the path.
 
@@ -174,6 +176,7 @@ def save_compressed(
         overwrite: replace a saved model at ``path`` (default True); False refuses.
         extra_files: more files to save with the model, ``{file name: contents}`` (e.g.
             a run summary); they are owned by the saved model and replaced with it.
+        tokenizer: saved too (anything with ``save_pretrained``); see :mod:`.hf_format`.
 
     Raises:
         ValueError: the model is not finalized or has no TuneComp layers; ``path`` is the
@@ -185,7 +188,7 @@ def save_compressed(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
-    extra_files = dict(extra_files or {})
+    extra_files = with_hf_files(model, dict(extra_files or {}), tokenizer)
     _check_extra_files(extra_files)
     layers = _layer_table(model)
     config = config if config is not None else getattr(model, CONFIG_ATTR, None)
