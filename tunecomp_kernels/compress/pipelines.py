@@ -182,10 +182,17 @@ def tunecomp_joint(
     from .prepare import prepare
 
     controller = prepare(model, config, calibration, forward=plan.forward)
+    if controller.schedule is None:  # the config gives the schedule in fractions of the run
+        controller.fit_schedule(plan.steps)
     with _Run(plan, batches) as run:
         run.phase(model, plan.steps, "joint", controller=controller)
     controller.finalize()
     return run.result(model, controller)
+
+
+def _check_dense_fraction(dense_fraction: float) -> None:
+    if not 0.0 <= dense_fraction <= 1.0:
+        raise ValueError(f"dense_fraction must be in [0, 1], got {dense_fraction}")
 
 
 def finetune_truncate_finetune(
@@ -210,8 +217,7 @@ def finetune_truncate_finetune(
     Raises:
         ValueError: ``dense_fraction`` outside [0, 1], or what the phases raise.
     """
-    if not 0.0 <= dense_fraction <= 1.0:
-        raise ValueError(f"dense_fraction must be in [0, 1], got {dense_fraction}")
+    _check_dense_fraction(dense_fraction)
     first = round(plan.steps * dense_fraction)
     with _Run(plan, batches) as run:
         if dense_model is None:
@@ -260,6 +266,15 @@ def _legacy_plan(steps: int, make_optimizer: OptimizerFactory, *,
     )
 
 
+def _run_length(config: TuneCompConfig, steps: int | None) -> int:
+    if steps is not None:
+        return steps
+    if config.total_steps is None:
+        raise ValueError("pass steps= (the run's optimiser steps): the config's schedule is in "
+                         "fractions of the run (TuneCompConfig.total_steps is None)")
+    return config.total_steps
+
+
 def run_tunecomp(
     model: nn.Module,
     config: TuneCompConfig,
@@ -273,14 +288,17 @@ def run_tunecomp(
     **plan_fields: Any,
 ) -> RunResult:
     """Joint TuneComp in one call (:func:`tunecomp_joint`) for ``steps`` (default
-    ``config.total_steps``). ``make_optimizer(params)`` builds the optimiser over the
-    prepared model's trainable parameters; ``make_scheduler(optimizer)`` optionally an LR
-    scheduler; ``callback(step, info)`` runs after every step. Further keyword arguments
-    are :class:`TrainingPlan` fields (``loss_fn``, ``forward``, ``max_grad_norm``,
+    ``config.total_steps``; one of the two is needed).
+
+    ``make_optimizer(params)`` builds the optimiser over the prepared model's trainable
+    parameters; ``make_scheduler(optimizer)`` optionally an LR scheduler;
+    ``callback(step, info)`` runs after every step. Further keyword arguments are
+    :class:`TrainingPlan` fields (``loss_fn``, ``forward``, ``max_grad_norm``,
     ``progress``, ``checkpoint_dir``, ``checkpoint_every``, ``keep_checkpoints``,
     ``resume``): to resume an interrupted run, call again with the same arguments, the
-    same *uncompressed* starting model and ``resume=True``."""
-    plan = _legacy_plan(config.total_steps if steps is None else steps, make_optimizer,
+    same *uncompressed* starting model and ``resume=True``.
+    """
+    plan = _legacy_plan(_run_length(config, steps), make_optimizer,
                         make_scheduler=make_scheduler, callback=callback, **plan_fields)
     return tunecomp_joint(model, config, batches, plan, calibration=calibration)
 
@@ -299,8 +317,9 @@ def finetune_then_compress(
 ) -> RunResult:
     """Baseline (a) with the older arguments (:func:`finetune_truncate_finetune`); steps
     default to ``config.total_steps``."""
-    plan = _legacy_plan(config.total_steps if steps is None else steps, make_optimizer,
-                        callback=callback, **plan_fields)
+    _check_dense_fraction(dense_fraction)
+    plan = _legacy_plan(_run_length(config, steps), make_optimizer, callback=callback,
+                        **plan_fields)
     return finetune_truncate_finetune(model, config, batches, plan,
                                       dense_fraction=dense_fraction, calibration=calibration)
 
@@ -318,8 +337,8 @@ def compress_then_finetune(
 ) -> RunResult:
     """Baseline (b) with the older arguments (:func:`truncate_finetune`); steps default
     to ``config.total_steps``."""
-    plan = _legacy_plan(config.total_steps if steps is None else steps, make_optimizer,
-                        callback=callback, **plan_fields)
+    plan = _legacy_plan(_run_length(config, steps), make_optimizer, callback=callback,
+                        **plan_fields)
     return truncate_finetune(model, config, batches, plan, calibration=calibration)
 
 

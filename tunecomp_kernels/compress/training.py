@@ -142,8 +142,10 @@ def train(
             (list, DataLoader) is restarted when exhausted, an iterator is consumed.
         controller: the :class:`TuneCompController` from ``prepare``, or None (plain
             fine-tuning).
-        steps: number of steps; default ``config.total_steps − controller.step_count``
-            with a controller, else one pass over ``batches``.
+        steps: number of steps; default: what is left of the controller's schedule, or
+            one pass over ``batches`` without a controller. With a controller whose
+            schedule is in fractions of the run (``total_steps=None``), ``steps`` fixes
+            the run's length (:meth:`~TuneCompController.fit_schedule`).
         loss_fn: ``loss_fn(outputs, batch) -> loss``.
         forward: ``forward(model, batch) -> outputs`` (default: the controller's, or
             :func:`~.model_io.call_model`).
@@ -331,10 +333,21 @@ def _check_batches(batches: Any) -> None:
 
 def _resolve_steps(steps: int | None, controller: TuneCompController | None,
                    batches: Any) -> int:
+    """The steps to run. With a controller whose schedule is in fractions of the run, a
+    given ``steps`` fits the schedule (to ``steps`` more than it has taken)."""
+    if controller is not None:
+        if steps is None:
+            if controller.schedule is None:
+                raise ValueError(
+                    "the TuneComp schedule is in fractions of the run and its length is not "
+                    "known: pass steps= (the run's optimiser steps) or "
+                    "TuneCompConfig(total_steps=...)")
+            return max(controller.schedule.total_steps - controller.step_count, 0)
+        if controller.schedule is None:
+            controller.fit_schedule(controller.step_count + steps)
+        return steps
     if steps is not None:
         return steps
-    if controller is not None:
-        return max(controller.config.total_steps - controller.step_count, 0)
     if hasattr(batches, "__len__"):
         return len(batches)
     raise ValueError("pass steps= when batches has no length and there is no controller")
