@@ -61,7 +61,7 @@ def test_hf_round_trip_from_config_alone(arch, tmp_path):
     batches = make_batches()
     model = compressed(make_model, batches)
     out = save_compressed(model, tmp_path / "saved")
-    assert sorted(os.listdir(out)) == ["model.safetensors", "tunecomp.json"]
+    assert {"model.safetensors", "tunecomp.json"} <= set(os.listdir(out))
     loaded = load_compressed(out)
     assert type(loaded) is type(model) and not loaded.training
     with torch.no_grad():
