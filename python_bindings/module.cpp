@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "common/build_info.h"
-#include "common/mask_grad.h"
 #include "common/mlr.h"
 
 namespace py = pybind11;
@@ -73,28 +72,6 @@ py::dict build_info() {
   return d;
 }
 
-void mask_grad_cpu(uint64_t t_ptr, uint64_t g_ptr, uint64_t out_ptr, int64_t n, int64_t r,
-                   int64_t t_s0, int64_t t_s1, int64_t g_s0, int64_t g_s1, int64_t dtype,
-                   double scale) {
-  const auto a = tunecomp::make_mask_grad_args(t_ptr, g_ptr, out_ptr, n, r, t_s0, t_s1, g_s0,
-                                               g_s1, dtype, scale);
-  tunecomp::mask_grad_cpu(a);
-}
-
-void mask_grad_cuda(uint64_t t_ptr, uint64_t g_ptr, uint64_t out_ptr, int64_t n, int64_t r,
-                    int64_t t_s0, int64_t t_s1, int64_t g_s0, int64_t g_s1, int64_t dtype,
-                    double scale, uint64_t stream) {
-  // Validate first so bad arguments are a ValueError in every build.
-  const auto a = tunecomp::make_mask_grad_args(t_ptr, g_ptr, out_ptr, n, r, t_s0, t_s1, g_s0,
-                                               g_s1, dtype, scale);
-#ifdef TUNECOMP_WITH_CUDA
-  tunecomp::mask_grad_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
-#else
-  (void)a, (void)stream;
-  throw std::runtime_error("tunecomp_kernels._C was built without CUDA");
-#endif
-}
-
 // --- masked low-rank op (common/mlr.h) ------------------------------------------
 
 void check_dtype_code(int64_t dtype, const char* who) {
@@ -122,12 +99,12 @@ int64_t mlr_backward_plan(int64_t n, int64_t k, int64_t m, int64_t r, int64_t dt
 void mlr_forward_cuda(uint64_t x, uint64_t U, uint64_t mask, uint64_t V, uint64_t bias,
                       uint64_t W0, uint64_t b0, uint64_t y, uint64_t t, uint64_t ws,
                       uint64_t ws_bytes, int64_t n, int64_t k, int64_t m, int64_t r,
-                      int64_t dtype, double teacher_scale, double student_scale, int64_t path,
-                      int64_t sms, uint64_t stream) {
+                      int64_t dtype, uint64_t scales, int64_t path, int64_t sms,
+                      uint64_t stream) {
   // Validate first so bad arguments are a ValueError in every build.
   const auto a = tunecomp::mlr::make_forward_args(x, U, mask, V, bias, W0, b0, y, t, ws,
-                                                  ws_bytes, n, k, m, r, dtype, teacher_scale,
-                                                  student_scale, path, sms);
+                                                  ws_bytes, n, k, m, r, dtype, scales, path,
+                                                  sms);
 #ifdef TUNECOMP_WITH_CUDA
   tunecomp::mlr_forward_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
 #else
@@ -139,11 +116,11 @@ void mlr_forward_cuda(uint64_t x, uint64_t U, uint64_t mask, uint64_t V, uint64_
 void mlr_backward_cuda(uint64_t dy, uint64_t x, uint64_t U, uint64_t mask, uint64_t V,
                        uint64_t t, uint64_t W0, uint64_t dx, uint64_t dU, uint64_t dmask,
                        uint64_t dV, uint64_t dbias, uint64_t ws, uint64_t ws_bytes, int64_t n,
-                       int64_t k, int64_t m, int64_t r, int64_t dtype, double teacher_scale,
-                       double student_scale, int64_t needs, int64_t sms, uint64_t stream) {
+                       int64_t k, int64_t m, int64_t r, int64_t dtype, uint64_t scales,
+                       int64_t needs, int64_t sms, uint64_t stream) {
   const auto a = tunecomp::mlr::make_backward_args(dy, x, U, mask, V, t, W0, dx, dU, dmask, dV,
                                                    dbias, ws, ws_bytes, n, k, m, r, dtype,
-                                                   teacher_scale, student_scale, needs, sms);
+                                                   scales, needs, sms);
 #ifdef TUNECOMP_WITH_CUDA
   tunecomp::mlr_backward_cuda(a, reinterpret_cast<void*>(static_cast<uintptr_t>(stream)));
 #else
@@ -174,21 +151,6 @@ PYBIND11_MODULE(_C, m) {
         "CUDA devices visible to the module's own (static) runtime; 0 without CUDA, a "
         "driver or a device.");
 
-  m.def("mask_grad_cpu", &mask_grad_cpu, py::arg("t_ptr"), py::arg("g_ptr"),
-        py::arg("out_ptr"), py::arg("n"), py::arg("r"), py::arg("t_s0"), py::arg("t_s1"),
-        py::arg("g_s0"), py::arg("g_s1"), py::arg("dtype"), py::arg("scale"),
-        py::call_guard<py::gil_scoped_release>(),
-        "out[j] = scale * sum_n t[n, j] * g[n, j] on host memory. t, g: [n, r] with element "
-        "strides; out: contiguous [r], float32 (float64 for dtype 3). dtype: 0=float32, "
-        "1=float16, 2=bfloat16, 3=float64.");
-
-  m.def("mask_grad_cuda", &mask_grad_cuda, py::arg("t_ptr"), py::arg("g_ptr"),
-        py::arg("out_ptr"), py::arg("n"), py::arg("r"), py::arg("t_s0"), py::arg("t_s1"),
-        py::arg("g_s0"), py::arg("g_s1"), py::arg("dtype"), py::arg("scale"),
-        py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
-        "CUDA version of mask_grad_cpu on device pointers, asynchronous on `stream` (a "
-        "cudaStream_t as int; 0 = legacy default stream) of the current device.");
-
   m.def("mlr_forward_plan", &mlr_forward_plan, py::arg("n"), py::arg("k"), py::arg("m"),
         py::arg("r"), py::arg("dtype"), py::arg("path"), py::arg("sms"),
         "Masked low-rank forward on CUDA: (path name, workspace bytes) for x [n, k], U [m, r]; "
@@ -200,18 +162,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("mlr_forward_cuda", &mlr_forward_cuda, py::arg("x"), py::arg("U"), py::arg("mask"),
         py::arg("V"), py::arg("bias"), py::arg("W0"), py::arg("b0"), py::arg("y"), py::arg("t"),
         py::arg("workspace"), py::arg("workspace_bytes"), py::arg("n"), py::arg("k"),
-        py::arg("m"), py::arg("r"), py::arg("dtype"), py::arg("teacher_scale"),
-        py::arg("student_scale"), py::arg("path"), py::arg("sms"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("m"), py::arg("r"), py::arg("dtype"), py::arg("scales"), py::arg("path"),
+        py::arg("sms"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "y = s((x V^T * mask) U^T + bias) + a(x W0^T + b0) and t = x V^T (float32) on device "
-        "pointers of contiguous row-major tensors (0 = absent); asynchronous on `stream`.");
+        "pointers of contiguous row-major tensors (0 = absent); `scales` points to the "
+        "float32 device array [a, s], read by the kernels; asynchronous on `stream`.");
   m.def("mlr_backward_cuda", &mlr_backward_cuda, py::arg("dy"), py::arg("x"), py::arg("U"),
         py::arg("mask"), py::arg("V"), py::arg("t"), py::arg("W0"), py::arg("dx"),
         py::arg("dU"), py::arg("dmask"), py::arg("dV"), py::arg("dbias"),
         py::arg("workspace"), py::arg("workspace_bytes"), py::arg("n"), py::arg("k"),
-        py::arg("m"), py::arg("r"), py::arg("dtype"), py::arg("teacher_scale"),
-        py::arg("student_scale"), py::arg("needs"), py::arg("sms"), py::arg("stream"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("m"), py::arg("r"), py::arg("dtype"), py::arg("scales"), py::arg("needs"),
+        py::arg("sms"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
         "Gradients (dx, dU, dmask, dV, dbias) of the masked low-rank op on device pointers; "
-        "only those whose `needs` bit is set are written; asynchronous on `stream`.");
+        "only those whose `needs` bit is set are written; `scales` as for mlr_forward_cuda; "
+        "asynchronous on `stream`.");
 }

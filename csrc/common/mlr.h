@@ -230,7 +230,9 @@ struct ForwardArgs {
   void *y = nullptr, *t = nullptr, *ws = nullptr;
   size_t ws_bytes = 0;
   Shape shape;
-  float a = 0.f, s = 1.f;
+  // Device array [a, s] (fp32): the kernels load the blend scales, the host never reads
+  // them (no sync; under torch.compile they are data, not constants).
+  const float* scales = nullptr;
   ForwardPlan plan;
 };
 
@@ -238,8 +240,7 @@ inline ForwardArgs make_forward_args(uint64_t x, uint64_t U, uint64_t mask, uint
                                      uint64_t bias, uint64_t W0, uint64_t b0, uint64_t y,
                                      uint64_t t, uint64_t ws, uint64_t ws_bytes, int64_t n,
                                      int64_t k, int64_t m, int64_t r, int64_t dtype,
-                                     double teacher_scale, double student_scale, int64_t path,
-                                     int64_t sms) {
+                                     uint64_t scales, int64_t path, int64_t sms) {
   const char* who = "masked_lowrank forward";
   TC_CHECK_ARG(is_known_dtype_code(dtype), who, ": unknown dtype code ", dtype,
                " (expected 0=float32, 1=float16, 2=bfloat16)");
@@ -253,6 +254,7 @@ inline ForwardArgs make_forward_args(uint64_t x, uint64_t U, uint64_t mask, uint
   TC_CHECK_ARG(n * m == 0 || y != 0, who, ": y pointer is null");
   TC_CHECK_ARG(n * r == 0 || t != 0, who, ": t pointer is null");
   TC_CHECK_ARG(b0 == 0 || W0 != 0, who, ": teacher_bias given without teacher_weight");
+  TC_CHECK_ARG(scales != 0, who, ": scales pointer is null");
   TC_CHECK_ARG(ws_bytes >= a.plan.workspace_bytes, who, ": workspace of ", ws_bytes,
                " bytes is smaller than the plan's ", a.plan.workspace_bytes);
   TC_CHECK_ARG(a.plan.workspace_bytes == 0 || ws != 0, who, ": workspace pointer is null");
@@ -267,8 +269,7 @@ inline ForwardArgs make_forward_args(uint64_t x, uint64_t U, uint64_t mask, uint
   a.t = as_ptr<void>(t);
   a.ws = as_ptr<void>(ws);
   a.ws_bytes = static_cast<size_t>(ws_bytes);
-  a.a = W0 != 0 ? static_cast<float>(teacher_scale) : 0.f;
-  a.s = static_cast<float>(student_scale);
+  a.scales = as_ptr<const float>(scales);
   return a;
 }
 
@@ -279,7 +280,7 @@ struct BackwardArgs {
   void* ws = nullptr;
   size_t ws_bytes = 0;
   Shape shape;
-  float a = 0.f, s = 1.f;
+  const float* scales = nullptr;  // device [a, s], as in ForwardArgs
   int needs = 0;
   BackwardPlan plan;
 };
@@ -288,8 +289,8 @@ inline BackwardArgs make_backward_args(uint64_t dy, uint64_t x, uint64_t U, uint
                                        uint64_t V, uint64_t t, uint64_t W0, uint64_t dx,
                                        uint64_t dU, uint64_t dmask, uint64_t dV, uint64_t dbias,
                                        uint64_t ws, uint64_t ws_bytes, int64_t n, int64_t k,
-                                       int64_t m, int64_t r, int64_t dtype, double teacher_scale,
-                                       double student_scale, int64_t needs, int64_t sms) {
+                                       int64_t m, int64_t r, int64_t dtype, uint64_t scales,
+                                       int64_t needs, int64_t sms) {
   const char* who = "masked_lowrank backward";
   TC_CHECK_ARG(is_known_dtype_code(dtype), who, ": unknown dtype code ", dtype,
                " (expected 0=float32, 1=float16, 2=bfloat16)");
@@ -310,6 +311,7 @@ inline BackwardArgs make_backward_args(uint64_t dy, uint64_t x, uint64_t U, uint
   TC_CHECK_ARG(!nm || r == 0 || dmask != 0, who, ": dmask pointer is null");
   TC_CHECK_ARG(!nv || r * k == 0 || dV != 0, who, ": dV pointer is null");
   TC_CHECK_ARG(!nb || m == 0 || dbias != 0, who, ": dbias pointer is null");
+  TC_CHECK_ARG(scales != 0, who, ": scales pointer is null");
   TC_CHECK_ARG(ws_bytes >= a.plan.workspace_bytes, who, ": workspace of ", ws_bytes,
                " bytes is smaller than the plan's ", a.plan.workspace_bytes);
   TC_CHECK_ARG(a.plan.workspace_bytes == 0 || ws != 0, who, ": workspace pointer is null");
@@ -327,8 +329,7 @@ inline BackwardArgs make_backward_args(uint64_t dy, uint64_t x, uint64_t U, uint
   a.dbias = as_ptr<void>(dbias);
   a.ws = as_ptr<void>(ws);
   a.ws_bytes = static_cast<size_t>(ws_bytes);
-  a.a = W0 != 0 ? static_cast<float>(teacher_scale) : 0.f;
-  a.s = static_cast<float>(student_scale);
+  a.scales = as_ptr<const float>(scales);
   return a;
 }
 

@@ -27,12 +27,17 @@
 //   finalize_kernel     sums every set of partials in split order, scales, converts.
 // No atomics anywhere: every reduction order depends only on the shape and the
 // SM count, so results are bitwise reproducible on one GPU.
+// The blend scales come as a device array scales = [a, s] (fp32) that every kernel
+// loads: the host never reads them (no sync, no recompile under torch.compile).
 #pragma once
 
 #include "cuda/mlr_gemm.cuh"
 
 namespace tunecomp {
 namespace mlr {
+
+TC_DEV float teacher_scale(const float* scales) { return scales[0]; }
+TC_DEV float student_scale(const float* scales) { return scales[1]; }
 
 template <typename T>
 TC_DEV float bias_term(const T* bias, float bias_scale, const T* bias2, float bias2_scale,
@@ -76,8 +81,9 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 t_finalize_kernel(const float* __restrict__ ws, int64_t splits, const float* __restrict__ t_in,
                   float* __restrict__ t_out, T* __restrict__ tm_out, const T* __restrict__ mask,
-                  float s, int64_t n, int64_t r) {
+                  const float* __restrict__ scales, int64_t n, int64_t r) {
   const int64_t count = n * r;
+  const float s = tm_out != nullptr ? student_scale(scales) : 0.f;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + thread_rank(); i < count;
        i += stride) {
@@ -93,11 +99,13 @@ t_finalize_kernel(const float* __restrict__ ws, int64_t splits, const float* __r
   }
 }
 
-// out[i] = T(scale * sum_{sp < splits} ws[sp][i]), splits summed in order.
+// out[i] = T(scale * sum_{sp < splits} ws[sp][i]), splits summed in order; scale is
+// *scale_ptr (a device value), 1 when scale_ptr is null.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-finalize_kernel(const float* __restrict__ ws, int64_t splits, int64_t count, float scale,
-                T* __restrict__ out) {
+finalize_kernel(const float* __restrict__ ws, int64_t splits, int64_t count,
+                const float* __restrict__ scale_ptr, T* __restrict__ out) {
+  const float scale = scale_ptr != nullptr ? *scale_ptr : 1.f;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + thread_rank(); i < count;
        i += stride) {
@@ -107,17 +115,18 @@ finalize_kernel(const float* __restrict__ ws, int64_t splits, int64_t count, flo
   }
 }
 
-// out[M, N] = T(alpha * A1 B1 + A2 B2 + bias_scale * bias + bias2_scale * bias2).
+// out[M, N] = T(a * A1 B1 + A2 B2 + s * bias + a * bias2), a and s from `scales`.
 // A1 and A2 are K-contiguous ([M][K1], [M][K2]); K1 == 0 skips the first product.
 //   forward y : A1 = x, B1 = W0 [m][k] (KC), A2 = tm, B2 = U [m][r] (KC)
 //   dx        : A1 = dy, B1 = W0 [m][k] (MN), A2 = h, B2 = V [r][k] (MN)
 template <typename T, bool B1KC, bool B2KC>
 __global__ void __launch_bounds__(kThreads)
-two_gemm_kernel(Operand<T> A1, Operand<T> B1, int64_t K1, float alpha, Operand<T> A2,
-                Operand<T> B2, int64_t K2, const T* __restrict__ bias, float bias_scale,
-                const T* __restrict__ bias2, float bias2_scale, T* __restrict__ out, int64_t M,
-                int64_t N) {
+two_gemm_kernel(Operand<T> A1, Operand<T> B1, int64_t K1, Operand<T> A2, Operand<T> B2,
+                int64_t K2, const T* __restrict__ bias, const T* __restrict__ bias2,
+                const float* __restrict__ scales, T* __restrict__ out, int64_t M, int64_t N) {
   using P = typename PolicyOf<T>::type;
+  const float a = teacher_scale(scales);
+  const float s = student_scale(scales);
   char* smem = dynamic_smem();
   float* sC = reinterpret_cast<float*>(smem);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -128,7 +137,7 @@ two_gemm_kernel(Operand<T> A1, Operand<T> B1, int64_t K1, float alpha, Operand<T
   P::zero(acc);
   if (K1 > 0) {
     mainloop<T, true, B1KC>(acc, A1, B1, m0, n0, 0, K1, smem, rows_valid, cols_valid);
-    P::scale(acc, alpha);
+    P::scale(acc, a);
   }
   mainloop<T, true, B2KC>(acc, A2, B2, m0, n0, 0, K2, smem, rows_valid, cols_valid);
   P::stage(acc, sC, kLdC, rows_valid, cols_valid);
@@ -138,7 +147,7 @@ two_gemm_kernel(Operand<T> A1, Operand<T> B1, int64_t K1, float alpha, Operand<T
     const int cc = idx % kBN;
     if (rr < rows_valid && cc < cols_valid) {
       const int64_t col = n0 + cc;
-      const float v = sC[rr * kLdC + cc] + bias_term(bias, bias_scale, bias2, bias2_scale, col);
+      const float v = sC[rr * kLdC + cc] + bias_term(bias, s, bias2, a, col);
       out[(m0 + rr) * N + col] = from_f<T>(v);
     }
   }
@@ -157,9 +166,12 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 fused_forward_kernel(Operand<T> X, Operand<T> V, Operand<T> W0, Operand<T> U, int64_t K,
                      const T* __restrict__ mask, const T* __restrict__ bias,
-                     const T* __restrict__ b0, float a, float s, float* __restrict__ t_out,
-                     T* __restrict__ y, int64_t N, int64_t M, int r, int groups) {
+                     const T* __restrict__ b0, const float* __restrict__ scales,
+                     float* __restrict__ t_out, T* __restrict__ y, int64_t N, int64_t M, int r,
+                     int groups) {
   using C = TileCfg<T>;
+  const float a = teacher_scale(scales);
+  const float s = student_scale(scales);
   using P = typename PolicyOf<T>::type;
   char* smem = dynamic_smem();
   T* sT = reinterpret_cast<T*>(smem);
@@ -231,9 +243,11 @@ constexpr int bwd_g_smem_bytes() { return kStageCBytes + 2 * kBN * 4; }
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 bwd_g_kernel(Operand<T> DY, Operand<T> Uop, int64_t N, int64_t M, int64_t r,
-             const float* __restrict__ t, const T* __restrict__ mask, float s,
-             T* __restrict__ h_out, float* __restrict__ dmask_ws) {
+             const float* __restrict__ t, const T* __restrict__ mask,
+             const float* __restrict__ scales, T* __restrict__ h_out,
+             float* __restrict__ dmask_ws) {
   using P = typename PolicyOf<T>::type;
+  const float s = student_scale(scales);
   char* smem = dynamic_smem();
   float* sC = reinterpret_cast<float*>(smem);
   float* red = reinterpret_cast<float*>(smem + kStageCBytes);  // [2][128]
@@ -356,8 +370,10 @@ __global__ void __launch_bounds__(kThreads)
 decode_y_kernel(const T* __restrict__ x, bool vec_x, const T* __restrict__ W0, bool vec_w,
                 const T* __restrict__ U, const float* __restrict__ t,
                 const T* __restrict__ mask, const T* __restrict__ bias,
-                const T* __restrict__ b0, float a, float s, T* __restrict__ y, int64_t N,
-                int64_t K, int64_t M, int64_t r) {
+                const T* __restrict__ b0, const float* __restrict__ scales,
+                T* __restrict__ y, int64_t N, int64_t K, int64_t M, int64_t r) {
+  const float a = teacher_scale(scales);
+  const float s = student_scale(scales);
   const int warp = thread_rank() / 32;
   const int lane = thread_rank() % 32;
   const int64_t o0 = (static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + warp) * 2;

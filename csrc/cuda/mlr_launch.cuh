@@ -63,16 +63,16 @@ constexpr int gemm_smem_bytes(int pipe_bytes) {
 
 template <typename T>
 void t_finalize(const float* ws, int64_t splits, const float* t_in, float* t_out, T* tm,
-                const T* mask, float s, int64_t n, int64_t r, cudaStream_t stream) {
+                const T* mask, const float* scales, int64_t n, int64_t r, cudaStream_t stream) {
   if (n * r == 0) return;
   auto kernel = &t_finalize_kernel<T>;
   TC_LAUNCH(kernel, dim3(elementwise_blocks(n * r)), dim3(kThreads), 0, stream, ws, splits, t_in,
-            t_out, tm, mask, s, n, r);
+            t_out, tm, mask, scales, n, r);
   check_launch("t_finalize_kernel");
 }
 
 template <typename T>
-void finalize(const float* ws, int64_t splits, int64_t count, float scale, T* out,
+void finalize(const float* ws, int64_t splits, int64_t count, const float* scale, T* out,
               cudaStream_t stream, const char* what) {
   if (count == 0) return;
   auto kernel = &finalize_kernel<T>;
@@ -95,17 +95,17 @@ void gemm_partial(const Operand<T>& A, const Operand<T>& B, int64_t M, int64_t N
 }
 
 template <typename T, bool B1KC, bool B2KC>
-void two_gemm(const Operand<T>& A1, const Operand<T>& B1, int64_t K1, float alpha,
-              const Operand<T>& A2, const Operand<T>& B2, int64_t K2, const T* bias,
-              float bias_scale, const T* bias2, float bias2_scale, T* out, int64_t M, int64_t N,
-              cudaStream_t stream, const char* what) {
+void two_gemm(const Operand<T>& A1, const Operand<T>& B1, int64_t K1, const Operand<T>& A2,
+              const Operand<T>& B2, int64_t K2, const T* bias, const T* bias2,
+              const float* scales, T* out, int64_t M, int64_t N, cudaStream_t stream,
+              const char* what) {
   if (M == 0 || N == 0) return;
   auto kernel = &two_gemm_kernel<T, B1KC, B2KC>;
   const int smem = gemm_smem_bytes(TileCfg<T>::kPipeBytes);
   allow_smem(kernel, smem, what);
   const dim3 grid(u32(ceil_div(M, kBM)), u32(ceil_div(N, kBN)));
-  TC_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, A1, B1, K1, alpha, A2, B2, K2, bias,
-            bias_scale, bias2, bias2_scale, out, M, N);
+  TC_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, A1, B1, K1, A2, B2, K2, bias, bias2,
+            scales, out, M, N);
   check_launch(what);
 }
 
@@ -119,10 +119,9 @@ void forward_impl(const ForwardArgs& a, cudaStream_t stream) {
   const int64_t n = a.shape.n, k = a.shape.k, m = a.shape.m, r = a.shape.r;
   if (n == 0) return;  // y and t are empty
   const ForwardPlan& p = a.plan;
-  // Like the reference: a zero teacher scale means the teacher is not read at all.
-  const bool teacher = a.W0 != nullptr && a.a != 0.f;
-  const T* W0 = teacher ? static_cast<const T*>(a.W0) : nullptr;
-  const T* b0 = teacher ? static_cast<const T*>(a.b0) : nullptr;
+  // The teacher scale is a device value: a present teacher is always read.
+  const T* W0 = static_cast<const T*>(a.W0);
+  const T* b0 = W0 != nullptr ? static_cast<const T*>(a.b0) : nullptr;
   const T* mask = static_cast<const T*>(a.mask);
   const T* bias = static_cast<const T*>(a.bias);
   float* t = static_cast<float*>(a.t);
@@ -137,14 +136,15 @@ void forward_impl(const ForwardArgs& a, cudaStream_t stream) {
                 rows_vec<T>(a.x, k), static_cast<const T*>(a.V), rows_vec<T>(a.V, k), n, k, r,
                 p.decode_split.len, part);
       check_launch("decode_t_kernel");
-      t_finalize<T>(part, p.decode_split.count, nullptr, t, nullptr, mask, a.s, n, r, stream);
+      t_finalize<T>(part, p.decode_split.count, nullptr, t, nullptr, mask, a.scales, n, r,
+                    stream);
     }
     if (m > 0) {
       auto kernel = &decode_y_kernel<T>;
       TC_LAUNCH(kernel, dim3(u32(ceil_div(m, kDecodeRowsPerBlock))), dim3(kThreads), 0, stream,
                 static_cast<const T*>(a.x), rows_vec<T>(a.x, k), W0, rows_vec<T>(W0, k),
-                static_cast<const T*>(a.U), static_cast<const float*>(t), mask, bias, b0, a.a,
-                a.s, y, n, k, m, r);
+                static_cast<const T*>(a.U), static_cast<const float*>(t), mask, bias, b0,
+                a.scales, y, n, k, m, r);
       check_launch("decode_y_kernel");
     }
     return;
@@ -161,7 +161,7 @@ void forward_impl(const ForwardArgs& a, cudaStream_t stream) {
     allow_smem(kernel, smem, "fused_forward_kernel (cudaFuncSetAttribute)");
     const dim3 grid(u32(ceil_div(n, kBM)), u32(p.fused_groups));
     TC_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, X, Vop, W0op, Uop, k, mask, bias, b0,
-              a.a, a.s, t, y, n, m, static_cast<int>(r), static_cast<int>(p.fused_groups));
+              a.scales, t, y, n, m, static_cast<int>(r), static_cast<int>(p.fused_groups));
     check_launch("fused_forward_kernel");
     return;
   }
@@ -173,10 +173,10 @@ void forward_impl(const ForwardArgs& a, cudaStream_t stream) {
     tm = reinterpret_cast<T*>(at(a.ws, p.off_tm));
     gemm_partial<T, true, true>(X, Vop, n, r, k, p.t_split, part, stream,
                                 "gemm_partial_kernel (t = x V^T)");
-    t_finalize<T>(part, p.t_split.count, nullptr, t, tm, mask, a.s, n, r, stream);
+    t_finalize<T>(part, p.t_split.count, nullptr, t, tm, mask, a.scales, n, r, stream);
   }
-  two_gemm<T, true, true>(X, W0op, W0 != nullptr ? k : 0, a.a, operand<T>(tm, n, r), Uop, r,
-                          bias, a.s, b0, a.a, y, n, m, stream, "two_gemm_kernel (forward y)");
+  two_gemm<T, true, true>(X, W0op, W0 != nullptr ? k : 0, operand<T>(tm, n, r), Uop, r, bias,
+                          b0, a.scales, y, n, m, stream, "two_gemm_kernel (forward y)");
 }
 
 template <typename T>
@@ -185,8 +185,7 @@ void backward_impl(const BackwardArgs& a, cudaStream_t stream) {
   const int64_t n = a.shape.n, k = a.shape.k, m = a.shape.m, r = a.shape.r;
   const BackwardPlan& p = a.plan;
   const int needs = a.needs;
-  const bool teacher = a.W0 != nullptr && a.a != 0.f;
-  const T* W0 = teacher ? static_cast<const T*>(a.W0) : nullptr;
+  const T* W0 = static_cast<const T*>(a.W0);
   const T* mask = static_cast<const T*>(a.mask);
   const float* t = static_cast<const float*>(a.t);
   const T* dy = static_cast<const T*>(a.dy);
@@ -202,22 +201,22 @@ void backward_impl(const BackwardArgs& a, cudaStream_t stream) {
     allow_smem(kernel, smem, "bwd_g_kernel (cudaFuncSetAttribute)");
     const dim3 grid(u32(ceil_div(n, kBM)), u32(ceil_div(r, kBN)));
     TC_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, operand<T>(dy, n, m),
-              operand<T>(a.U, m, r), n, m, r, t, mask, a.s, h, dmask_ws);
+              operand<T>(a.U, m, r), n, m, r, t, mask, a.scales, h, dmask_ws);
     check_launch("bwd_g_kernel");
   }
   if (want_dmask) {
-    finalize<T>(dmask_ws, p.run_g ? p.row_tiles : 0, r, a.s, static_cast<T*>(a.dmask), stream,
-                "finalize_kernel (dmask)");
+    finalize<T>(dmask_ws, p.run_g ? p.row_tiles : 0, r, a.scales + 1, static_cast<T*>(a.dmask),
+                stream, "finalize_kernel (dmask)");
   }
 
   // 2. dU = dy^T tm, split-K over n
   if ((needs & kNeedU) && m > 0 && r > 0) {
     T* tm = p.run_tm ? reinterpret_cast<T*>(at(a.ws, p.off_tm)) : nullptr;
-    if (p.run_tm) t_finalize<T>(nullptr, 0, t, nullptr, tm, mask, a.s, n, r, stream);
+    if (p.run_tm) t_finalize<T>(nullptr, 0, t, nullptr, tm, mask, a.scales, n, r, stream);
     float* part = reinterpret_cast<float*>(at(a.ws, p.off_du));
     gemm_partial<T, false, false>(operand<T>(dy, n, m), operand<T>(tm, n, r), m, r, n,
                                   p.du_split, part, stream, "gemm_partial_kernel (dU)");
-    finalize<T>(part, p.du_split.count, m * r, 1.f, static_cast<T*>(a.dU), stream,
+    finalize<T>(part, p.du_split.count, m * r, nullptr, static_cast<T*>(a.dU), stream,
                 "finalize_kernel (dU)");
   }
 
@@ -226,16 +225,16 @@ void backward_impl(const BackwardArgs& a, cudaStream_t stream) {
     float* part = reinterpret_cast<float*>(at(a.ws, p.off_dv));
     gemm_partial<T, false, false>(operand<T>(h, n, r), operand<T>(a.x, n, k), r, k, n,
                                   p.dv_split, part, stream, "gemm_partial_kernel (dV)");
-    finalize<T>(part, p.dv_split.count, r * k, 1.f, static_cast<T*>(a.dV), stream,
+    finalize<T>(part, p.dv_split.count, r * k, nullptr, static_cast<T*>(a.dV), stream,
                 "finalize_kernel (dV)");
   }
 
   // 4. dx = a dy W0 + h V (one accumulator)
   if ((needs & kNeedX) && n > 0 && k > 0) {
     two_gemm<T, false, false>(operand<T>(dy, n, m), operand<T>(W0, m, k), W0 != nullptr ? m : 0,
-                              a.a, operand<T>(h, n, r), operand<T>(a.V, r, k),
-                              h != nullptr ? r : 0, nullptr, 0.f, nullptr, 0.f,
-                              static_cast<T*>(a.dx), n, k, stream, "two_gemm_kernel (dx)");
+                              operand<T>(h, n, r), operand<T>(a.V, r, k), h != nullptr ? r : 0,
+                              nullptr, nullptr, a.scales, static_cast<T*>(a.dx), n, k, stream,
+                              "two_gemm_kernel (dx)");
   }
 
   // 5. dbias = s sum_n dy
@@ -245,7 +244,7 @@ void backward_impl(const BackwardArgs& a, cudaStream_t stream) {
     const dim3 grid(u32(ceil_div(m, kColsumThreads)), u32(p.db_split.count));
     TC_LAUNCH(kernel, grid, dim3(kThreads), 0, stream, dy, n, m, p.db_split.len, part);
     check_launch("colsum_partial_kernel (dbias)");
-    finalize<T>(part, p.db_split.count, m, a.s, static_cast<T*>(a.dbias), stream,
+    finalize<T>(part, p.db_split.count, m, a.scales + 1, static_cast<T*>(a.dbias), stream,
                 "finalize_kernel (dbias)");
   }
 }

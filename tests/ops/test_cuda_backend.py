@@ -14,7 +14,7 @@ import torch
 from helpers import TOLERANCE, assert_close, make_inputs
 
 from tunecomp_kernels import MaskedLowRankLinear, _native, masked_lowrank_linear
-from tunecomp_kernels.ops import backends, cuda_tables
+from tunecomp_kernels.ops import backends, cuda_marshal, cuda_tables
 from tunecomp_kernels.ops.reference import reference_float64
 
 requires_native = pytest.mark.skipif(not _native.native_available(), reason="_C is not built")
@@ -176,8 +176,10 @@ def test_gpu_opcheck(teacher):
     inputs = make_inputs((2, 3), 9, 7, 4, torch.float32, "cuda", teacher=teacher)
     for name in GRAD_NAMES:
         inputs[name].requires_grad_()
+    scales = (torch.tensor(0.5 if teacher else 0.0, device="cuda"),
+              torch.tensor(1.5, device="cuda"))
     args = (*[inputs[n] for n in GRAD_NAMES], inputs["teacher_weight"], inputs["teacher_bias"],
-            0.5 if teacher else 0.0, 1.5)
+            *scales)
     torch.library.opcheck(ops.forward.default, args)
 
 
@@ -215,15 +217,15 @@ def test_bindings_exist():
 def test_bindings_raise_runtime_error_without_gpu():
     C = _native._C
     # Dummy pointers are safe only because no device exists: the launch must fail cleanly.
-    fwd = (16, 16, 16, 16, 0, 0, 0, 16, 16, 0, 0, 2, 4, 4, 2, 1, 0.0, 1.0, 2, 4, 0)
+    # (..., n, k, m, r, dtype, scales pointer, path, sms, stream)
+    fwd = (16, 16, 16, 16, 0, 0, 0, 16, 16, 256, 1 << 20, 2, 4, 4, 2, 1, 16, 2, 4, 0)
     with pytest.raises(RuntimeError, match="CUDA error|built without CUDA"):
-        C.mlr_forward_cuda(*fwd[:9], 256, 1 << 20, *fwd[11:])
-    bwd = (16,) * 7 + (16,) * 5 + (256, 1 << 20, 2, 4, 4, 2, 1, 0.0, 1.0, 31, 4, 0)
+        C.mlr_forward_cuda(*fwd)
+    bwd = (16,) * 7 + (16,) * 5 + (256, 1 << 20, 2, 4, 4, 2, 1, 16, 31, 4, 0)
     with pytest.raises(RuntimeError, match="CUDA error|built without CUDA"):
         C.mlr_backward_cuda(*bwd)
     with pytest.raises(RuntimeError, match="CUDA error|built without CUDA"):  # decode path
-        C.mlr_forward_cuda(16, 16, 16, 16, 0, 0, 0, 16, 16, 256, 1 << 20, 2, 4, 4, 2, 1, 0.0,
-                           1.0, 3, 4, 0)
+        C.mlr_forward_cuda(*fwd[:17], 3, *fwd[18:])
 
 
 @requires_native
@@ -247,18 +249,22 @@ def test_native_validation_errors():
     with pytest.raises(ValueError, match="5-bit mask"):
         C.mlr_backward_plan(4, 4, 4, 2, 1, 32, 4)
     p = 256
-    base = [p, p, p, p, 0, 0, 0, p, p, p, 1 << 20, 20, 4, 4, 2, 1, 0.0, 1.0, 2, 4, 0]
+    base = [p, p, p, p, 0, 0, 0, p, p, p, 1 << 20, 20, 4, 4, 2, 1, p, 2, 4, 0]
     with pytest.raises(ValueError, match="x pointer is null"):
         C.mlr_forward_cuda(0, *base[1:])
     with pytest.raises(ValueError, match="workspace of 0 bytes is smaller"):
         C.mlr_forward_cuda(*base[:10], 0, *base[11:])
     with pytest.raises(ValueError, match="teacher_bias given without teacher_weight"):
         C.mlr_forward_cuda(*base[:6], p, *base[7:])
-    bwd = [p] * 12 + [p, 1 << 20, 20, 4, 4, 2, 1, 0.0, 1.0, 31, 4, 0]
+    with pytest.raises(ValueError, match="scales pointer is null"):
+        C.mlr_forward_cuda(*base[:16], 0, *base[17:])
+    bwd = [p] * 12 + [p, 1 << 20, 20, 4, 4, 2, 1, p, 31, 4, 0]
     with pytest.raises(ValueError, match="dU pointer is null"):
         C.mlr_backward_cuda(*bwd[:8], 0, *bwd[9:])
     with pytest.raises(ValueError, match="t pointer is null"):
         C.mlr_backward_cuda(*bwd[:5], 0, *bwd[6:])
+    with pytest.raises(ValueError, match="scales pointer is null"):
+        C.mlr_backward_cuda(*bwd[:19], 0, *bwd[20:])
 
 
 @requires_native
@@ -284,55 +290,50 @@ def test_forward_plan_picks_path_by_shape():
 
 @requires_native
 def test_wrapper_validation_errors():
+    # The public op checks shapes, dtypes and devices; the marshalling checks the rest.
     inputs = make_inputs((5,), 8, 6, 3, torch.float32)
     args = [inputs[n] for n in GRAD_NAMES]
-    fwd = _native.masked_lowrank_forward_cuda
+    fwd = cuda_marshal.masked_lowrank_forward_cuda
     with pytest.raises(ValueError, match="need CUDA tensors, got cpu"):
         fwd(*args, None, None, 0.0, 1.0)
-    with pytest.raises(ValueError, match="mask must be 1-D"):
-        fwd(args[0], args[1], args[2][None], args[3], args[4], None, None, 0.0, 1.0)
-    with pytest.raises(ValueError, match="one device"):
-        fwd(args[0], args[1], args[2], args[3], args[4].to("meta"), None, None, 0.0, 1.0)
-    with pytest.raises(ValueError, match="must be a tensor"):
+    with pytest.raises(ValueError, match="x must be a tensor"):
         fwd([[1.0]], *args[1:], None, None, 0.0, 1.0)
-    bwd = _native.masked_lowrank_backward_cuda
+    bwd = cuda_marshal.masked_lowrank_backward_cuda
     t = torch.zeros(5, 3)
     with pytest.raises(ValueError, match="need CUDA tensors"):
         bwd(torch.zeros(5, 6), args[0], args[1], args[2], args[3], t, None, 0.0, 1.0, [True] * 5)
-    with pytest.raises(ValueError, match="grad_y must be 2-D"):
-        bwd(torch.zeros(5), args[0], args[1], args[2], args[3], t, None, 0.0, 1.0, [True] * 5)
 
 
-def test_wrapper_checks_dtypes_and_shapes_before_launch(monkeypatch):
-    # Pretend CPU tensors are CUDA tensors to reach the dtype / shape checks here.
-    def fake_check(who, named, dims):
-        first = next(v for v in named.values() if v is not None)
-        return first.dtype, first.device
+def test_wrapper_checks_what_the_op_does_not(monkeypatch):
+    # Pretend CPU tensors are CUDA tensors to reach the later checks here.
+    def fake_check(who, x):
+        cuda_marshal._check_kernel_dtype(who, x.dtype)
+        return x.dtype, x.device
 
-    monkeypatch.setattr(_native, "_check_cuda_tensors", fake_check)
-    monkeypatch.setattr(_native, "_require_native", lambda: object())
+    monkeypatch.setattr(cuda_marshal, "_check_cuda", fake_check)
+    monkeypatch.setattr(_native, "require_native", lambda: object())
     x, U, mask, V = torch.zeros(5, 8), torch.zeros(6, 3), torch.zeros(3), torch.zeros(3, 8)
-    fwd = _native.masked_lowrank_forward_cuda
+    fwd = cuda_marshal.masked_lowrank_forward_cuda
     with pytest.raises(ValueError, match="run float32, float16 and bfloat16, not torch.float64"):
         fwd(x.double(), U.double(), mask.double(), V.double(), None, None, None, 0.0, 1.0)
-    with pytest.raises(ValueError, match="U has dtype torch.float16"):
-        fwd(x, U.half(), mask, V, None, None, None, 0.0, 1.0)
-    with pytest.raises(ValueError, match=r"expected V \[3, 8\]"):
-        fwd(x, U, mask, torch.zeros(3, 7), None, None, None, 0.0, 1.0)
-    with pytest.raises(ValueError, match=r"bias must be \[6\]"):
-        fwd(x, U, mask, V, torch.zeros(5), None, None, 0.0, 1.0)
-    with pytest.raises(ValueError, match=r"teacher_weight must be \[6, 8\]"):
-        fwd(x, U, mask, V, None, torch.zeros(8, 6), None, 0.5, 1.0)
     with pytest.raises(ValueError, match="unknown path"):
         fwd(x, U, mask, V, None, None, None, 0.0, 1.0, path="fastest")
-    bwd = _native.masked_lowrank_backward_cuda
+    bwd = cuda_marshal.masked_lowrank_backward_cuda
     with pytest.raises(ValueError, match="t must be the float32"):
         bwd(torch.zeros(5, 6), x, U, mask, V, torch.zeros(5, 3).double(), None, 0.0, 1.0,
             [True] * 5)
-    with pytest.raises(ValueError, match=r"t must be \[5, 3\]"):
+    with pytest.raises(ValueError, match=r"t must be the float32 \[5, 3\]"):
         bwd(torch.zeros(5, 6), x, U, mask, V, torch.zeros(4, 3), None, 0.0, 1.0, [True] * 5)
+    with pytest.raises(ValueError, match=r"grad_y must be \[5, 6\]"):
+        bwd(torch.zeros(5, 7), x, U, mask, V, torch.zeros(5, 3), None, 0.0, 1.0, [True] * 5)
     with pytest.raises(ValueError, match="5 flags"):
         bwd(torch.zeros(5, 6), x, U, mask, V, torch.zeros(5, 3), None, 0.0, 1.0, [True] * 4)
+
+
+def test_scales_reach_the_kernels_as_one_device_array():
+    a, s = torch.tensor(0.25), 0.75  # a 0-d tensor and a float both work
+    scales = cuda_marshal._scales(a, s, torch.device("cpu"))
+    assert scales.dtype == torch.float32 and scales.tolist() == [0.25, 0.75]
 
 
 # ================================================================================
@@ -478,8 +479,8 @@ def test_explicit_cuda_backend_warns_when_unverified(tables, monkeypatch):
     def fake_backward(dy, x2, U, mask, V, t, w0, a, s, needs):
         return tuple(torch.zeros(0) for _ in range(5))
 
-    monkeypatch.setattr(_native, "masked_lowrank_forward_cuda", fake_forward)
-    monkeypatch.setattr(_native, "masked_lowrank_backward_cuda", fake_backward)
+    monkeypatch.setattr(cuda_marshal, "masked_lowrank_forward_cuda", fake_forward)
+    monkeypatch.setattr(cuda_marshal, "masked_lowrank_backward_cuda", fake_backward)
     monkeypatch.setattr(cuda_tables, "current_gpu_name", lambda: GPU_NAME)
     inputs = make_inputs((2, 3), 8, 6, 3, torch.float16)
     args = [inputs[n] for n in GRAD_NAMES] + [None, None, 0.0, 1.0]

@@ -57,10 +57,10 @@ def _build() -> Path:
 @pytest.fixture(scope="module")
 def emu():
     lib = ctypes.CDLL(str(_build()))
-    u64, i64, dbl = ctypes.c_uint64, ctypes.c_int64, ctypes.c_double
+    u64, i64 = ctypes.c_uint64, ctypes.c_int64
     err = [ctypes.c_char_p, ctypes.c_int]
-    lib.tc_emu_forward.argtypes = [u64] * 11 + [i64] * 5 + [dbl, dbl, i64, i64] + err
-    lib.tc_emu_backward.argtypes = [u64] * 14 + [i64] * 5 + [dbl, dbl, i64, i64] + err
+    lib.tc_emu_forward.argtypes = [u64] * 11 + [i64] * 5 + [u64, i64, i64] + err
+    lib.tc_emu_backward.argtypes = [u64] * 14 + [i64] * 5 + [u64, i64, i64] + err
     lib.tc_emu_forward_plan.argtypes = [i64] * 7 + [ctypes.POINTER(i64)] * 2 + err
     lib.tc_emu_backward_plan.argtypes = [i64] * 7 + [ctypes.POINTER(i64)] + err
     return lib
@@ -79,6 +79,11 @@ def _call(fn, *args):
         raise RuntimeError(err.value.decode())
 
 
+def _scales(a, s):
+    """The [a, s] fp32 array the kernels load the blend scales from."""
+    return torch.tensor([a, s], dtype=torch.float32)
+
+
 def emu_forward(lib, x, U, mask, V, bias, W0, b0, a, s, path, sms):
     n, k = x.shape
     m, r = U.shape
@@ -88,8 +93,9 @@ def emu_forward(lib, x, U, mask, V, bias, W0, b0, a, s, path, sms):
     ws = torch.full((max(ws_bytes.value, 1),), 0xFF, dtype=torch.uint8)
     y = torch.full((n, m), float("nan"), dtype=x.dtype)
     t = torch.full((n, r), float("nan"), dtype=torch.float32)
+    scales = _scales(a, s)
     _call(lib.tc_emu_forward, _p(x), _p(U), _p(mask), _p(V), _p(bias), _p(W0), _p(b0), _p(y),
-          _p(t), _p(ws), ws.numel(), n, k, m, r, CODES[x.dtype], a, s, path, sms)
+          _p(t), _p(ws), ws.numel(), n, k, m, r, CODES[x.dtype], _p(scales), path, sms)
     return y, t, used.value
 
 
@@ -102,8 +108,10 @@ def emu_backward(lib, dy, x, U, mask, V, t, W0, a, s, needs, sms):
     ws = torch.full((max(ws_bytes.value, 1),), 0xFF, dtype=torch.uint8)
     shapes = [(n, k), (m, r), (r,), (r, k), (m,)]
     grads = [torch.full(sh, float("nan"), dtype=x.dtype) for sh in shapes]
+    scales = _scales(a, s)
     _call(lib.tc_emu_backward, _p(dy), _p(x), _p(U), _p(mask), _p(V), _p(t), _p(W0),
-          *map(_p, grads), _p(ws), ws.numel(), n, k, m, r, CODES[x.dtype], a, s, needs, sms)
+          *map(_p, grads), _p(ws), ws.numel(), n, k, m, r, CODES[x.dtype], _p(scales), needs,
+          sms)
     return grads
 
 

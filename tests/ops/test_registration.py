@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import backend_params, make_inputs
+from helpers import DEVICES, backend_params, make_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunecomp_kernels import MaskedLowRankLinear, masked_lowrank_linear
-from tunecomp_kernels.ops.backends import load_backend
+from tunecomp_kernels.ops.backends import backend_serves, load_backend
 
 
 class RecordOps(TorchDispatchMode):
@@ -21,16 +21,80 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("backend", backend_params())
+LAYOUTS = ["contiguous", "strided", "transposed", "expanded", "params-transposed"]
+
+
+def _laid_out(inputs: dict, layout: str) -> dict:
+    """The same values in another memory layout (x [2, 3, in]; params [out, r], [r, in])."""
+    out = dict(inputs)
+    x = inputs["x"]
+    if layout == "strided":  # last dim with stride 2
+        out["x"] = torch.stack([x, torch.zeros_like(x)], -1).flatten(-2)[..., ::2]
+    elif layout == "transposed":  # x.transpose(0, 1) of a [3, 2, in] tensor
+        out["x"] = x.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "expanded":  # a stride-0 leading dim
+        out["x"] = x[:1].expand(x.shape)
+    elif layout == "params-transposed":
+        for name in ("U", "V", "teacher_weight"):
+            if out[name] is not None:
+                out[name] = out[name].t().contiguous().t()
+    return out
+
+
+def _scales(teacher: bool, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(0.5 if teacher else 0.0, device=device),
+            torch.tensor(1.5, device=device))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the CUDA backend's unverified-kernel note
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("teacher", [False, True])
-def test_opcheck(backend, teacher):
+@pytest.mark.parametrize("backend", backend_params())
+def test_opcheck_every_op(backend, teacher, layout, device):
+    """Schema, fake implementation (shapes *and strides*), autograd registration and AOT
+    dispatch of each backend's forward and backward op, on contiguous, strided,
+    transposed and expanded inputs. The fake dx used to copy x's strides while every
+    backend returns a contiguous dx (Inductor: "expected ... stride 48==8")."""
+    if not backend_serves(backend, device):
+        pytest.skip(f"backend {backend} does not serve {device}")
     ops = load_backend(backend)
-    inputs = make_inputs((2, 3), 9, 7, 4, torch.float32, teacher=teacher)
-    for name in ("x", "U", "mask", "V", "bias"):
-        inputs[name].requires_grad_()
-    args = (inputs["x"], inputs["U"], inputs["mask"], inputs["V"], inputs["bias"],
-            inputs["teacher_weight"], inputs["teacher_bias"], 0.5 if teacher else 0.0, 1.5)
+    inputs = _laid_out(make_inputs((2, 3), 9, 7, 4, torch.float32, device, teacher=teacher),
+                       layout)
+    a, s = _scales(teacher, device)
+    leaves = {n: inputs[n].detach().requires_grad_() for n in ("x", "U", "mask", "V", "bias")}
+    args = (leaves["x"], leaves["U"], leaves["mask"], leaves["V"], leaves["bias"],
+            inputs["teacher_weight"], inputs["teacher_bias"], a, s)
     torch.library.opcheck(ops.forward.default, args)
+    with torch.no_grad():
+        y, t = ops.forward(*args)
+    dy = torch.randn_like(y)
+    plain = [v.detach() for v in (leaves["x"], leaves["U"], leaves["mask"], leaves["V"])]
+    torch.library.opcheck(ops.backward.default,
+                          (dy, *plain, t, inputs["teacher_weight"], a, s, [True] * 5))
+    torch.library.opcheck(ops.backward.default,
+                          (dy, *plain, t, None, a, s, [True, False, True, False, False]))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_compiled_gradient_of_transposed_input_matches_eager(backend):
+    """torch.compile (Inductor) of ``layer(xb.transpose(0, 1)).sum()`` with backward: the
+    fake dx must have the real (contiguous) strides."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MaskedLowRankLinear(8, 5, 4, backend=backend)
+    layer.set_teacher(torch.randn(5, 8), torch.randn(5))
+    layer.teacher_scale, layer.student_scale = 0.3, 0.8
+    xb = torch.randn(6, 3, 8, requires_grad=True)
+    params = [xb, *layer.parameters()]
+
+    def f(xb):
+        return layer(xb.transpose(0, 1)).sum()
+
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(xb), params)
+    ref = torch.autograd.grad(f(xb), params)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r)
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -134,7 +134,7 @@ def test_split_path_with_lowered_threshold(monkeypatch, record_kernels, n, dtype
     monkeypatch.setattr(tb, "FUSED_MAX_R", 16)
     inputs = make_inputs((n,), 40, 36, 50, dtype, DEVICE, teacher=True, seed=3)
     check(inputs, dtype)
-    if n > tb.DECODE_MAX_N:
+    if n > tb.TRITON_DECODE_MAX_N:
         assert record_kernels[:2] == ["gemm_kernel", "expand_kernel"]
 
 
@@ -158,7 +158,7 @@ def test_fused_du_over_several_row_tiles(monkeypatch, record_kernels, dtype):
 
 
 def test_decode_path_up_to_its_limit(monkeypatch, record_kernels):
-    monkeypatch.setattr(tb, "DECODE_MAX_N", 40)
+    monkeypatch.setattr(tb, "TRITON_DECODE_MAX_N", 40)
     inputs = make_inputs((40,), 70, 20, 24, torch.float16, DEVICE, teacher=True)
     check(inputs, torch.float16)
     assert record_kernels[0] == "decode_shrink_kernel"
@@ -213,10 +213,11 @@ def test_backward_op_returns_fresh_empty_tensors_for_unneeded_grads():
     inputs = make_inputs((10,), 12, 9, 4, torch.float32, DEVICE, teacher=True)
     y, t = tb.OPS.forward(inputs["x"], inputs["U"], inputs["mask"], inputs["V"],
                           inputs["bias"], inputs["teacher_weight"], inputs["teacher_bias"],
-                          0.5, 1.0)
+                          torch.tensor(0.5), torch.tensor(1.0))
     dy = torch.randn_like(y)
     out = tb.OPS.backward(dy, inputs["x"], inputs["U"], inputs["mask"], inputs["V"], t,
-                          inputs["teacher_weight"], 0.5, 1.0, [False, True, False, False, True])
+                          inputs["teacher_weight"], torch.tensor(0.5), torch.tensor(1.0),
+                          [False, True, False, False, True])
     assert [o.numel() for o in out] == [0, 9 * 4, 0, 0, 9]
     ptrs = [o.untyped_storage().data_ptr() for o in out if o.numel()]
     assert len(set(ptrs)) == len(ptrs)
@@ -323,7 +324,7 @@ def test_triton_op_registration_traces_kernels():
         for n, r, kernels in ((5, 8, 2), (100, 8, 1), (100, 300, 2)):
             args = (torch.randn(n, 24, **f16), torch.randn(20, r, **f16),
                     torch.rand(r, **f16), torch.randn(r, 24, **f16), torch.randn(20, **f16),
-                    torch.randn(20, 24, **f16), None, 0.5, 0.8)
+                    torch.randn(20, 24, **f16), None, torch.tensor(0.5), torch.tensor(0.8))
             with FakeTensorMode() as mode:
                 fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                         for a in args]
@@ -332,7 +333,7 @@ def test_triton_op_registration_traces_kernels():
                 assert t.shape == (n, r) and t.dtype == torch.float32
                 grads = tb.OPS.backward.default(
                     torch.empty_like(y), fake[0], fake[1], fake[2], fake[3], t, fake[5],
-                    0.5, 0.8, [True, True, True, True, True])
+                    fake[7], fake[8], [True, True, True, True, True])
                 assert [tuple(g.shape) for g in grads] == [(n, 24), (20, r), (r,), (r, 24),
                                                            (20,)]
             gm = make_fx(tb.forward, tracing_mode="fake")(*args)
@@ -412,7 +413,8 @@ def test_gpu_compile_fullgraph_and_opcheck(dtype):
         assert_close(g, p.grad.double(), dtype, "compiled grad")
     inputs = make_inputs((2, 3), 40, 24, 8, dtype, "cuda", teacher=True)
     args = (inputs["x"], inputs["U"], inputs["mask"], inputs["V"], inputs["bias"],
-            inputs["teacher_weight"], inputs["teacher_bias"], 0.5, 1.5)
+            inputs["teacher_weight"], inputs["teacher_bias"], torch.tensor(0.5, device="cuda"),
+            torch.tensor(1.5, device="cuda"))
     torch.library.opcheck(tb.OPS.forward.default, args)
 
 

@@ -188,8 +188,7 @@ def save_compressed(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     path = Path(path)
-    extra_files = with_hf_files(model, dict(extra_files or {}), tokenizer)
-    _check_extra_files(extra_files)
+    extra_files = with_hf_files(model, dict(extra_files or {}), tokenizer)  # checks names
     layers = _layer_table(model)
     config = config if config is not None else getattr(model, CONFIG_ATTR, None)
     tensors, tied = _dedupe(model.state_dict())

@@ -149,11 +149,17 @@ def hf_directory_files(meta_hf: dict[str, Any] | None, layers: dict[str, dict[st
 
 def with_hf_files(model: nn.Module, extra_files: dict[str, bytes],
                   tokenizer: Any = None) -> dict[str, bytes]:
-    """``extra_files`` plus :func:`hf_directory_files` for ``model`` (what
-    :func:`~.export.save_compressed` writes beside the weights). Raises as
-    :func:`hf_directory_files`, and ValueError for a model that is not finalized."""
+    """``extra_files`` (names and contents checked first) plus :func:`hf_directory_files`
+    for ``model``: what :func:`~.export.save_compressed` writes beside the weights.
+
+    Raises:
+        ValueError / TypeError: a reserved or non-plain extra file name, non-bytes
+            contents, or as :func:`hf_directory_files`; ValueError for a model that is
+            not finalized.
+    """
     from . import export  # export imports this module
 
+    export._check_extra_files(extra_files)
     hf = export._hf_info(model)
     if hf is None and tokenizer is None:
         return extra_files

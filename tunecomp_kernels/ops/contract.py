@@ -4,11 +4,16 @@ Every backend registers the same pair of ``torch.library`` ops under its own
 name, ``tunecomp::masked_lowrank_<backend>`` and ``..._<backend>_backward``:
 
     forward(x[..., in], U[out, r], mask[r], V[r, in], bias[out]?,
-            teacher_weight[out, in]?, teacher_bias[out]?, teacher_scale, student_scale)
+            teacher_weight[out, in]?, teacher_bias[out]?, teacher_scale[], student_scale[])
         -> (y[..., out], t[N, r])
-    backward(grad_y[..., out], x, U, mask, V, t, teacher_weight?, teacher_scale,
-             student_scale, needs_grad[5])
+    backward(grad_y[..., out], x, U, mask, V, t, teacher_weight?, teacher_scale[],
+             student_scale[], needs_grad[5])
         -> (dx, dU, dmask, dV, dbias)   # a 0-element tensor where not needed
+
+The blend scales are 0-d tensors (:func:`scale_dtype` of x, on x's device) that the
+kernels load, never Python floats: ``torch.compile`` then treats a new α as new data
+instead of a new constant, and a whole blend runs one graph. Outputs are contiguous
+whatever the inputs' strides (the fake implementation says so too).
 
 ``t = x·Vᵀ`` is returned so backward does not recompute it; it is marked
 non-differentiable and never leaves :func:`tunecomp_kernels.masked_lowrank_linear`.
@@ -23,15 +28,17 @@ from dataclasses import dataclass
 
 import torch
 
+from .transforms import register_transforms
+
 NAMESPACE = "tunecomp"
 
 FORWARD_SCHEMA = (
     "(Tensor x, Tensor U, Tensor mask, Tensor V, Tensor? bias, Tensor? teacher_weight, "
-    "Tensor? teacher_bias, float teacher_scale, float student_scale) -> (Tensor, Tensor)"
+    "Tensor? teacher_bias, Tensor teacher_scale, Tensor student_scale) -> (Tensor, Tensor)"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_y, Tensor x, Tensor U, Tensor mask, Tensor V, Tensor t, "
-    "Tensor? teacher_weight, float teacher_scale, float student_scale, bool[] needs_grad) "
+    "Tensor? teacher_weight, Tensor teacher_scale, Tensor student_scale, bool[] needs_grad) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
@@ -44,6 +51,12 @@ def intermediate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the 0-d scale tensors the ops take for inputs of ``dtype``: float64 for
+    float64 inputs, else float32 (a half-precision 0.3 would be off by 1e-3)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _fake_forward(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale, student_scale):
     n = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
     y = x.new_empty((*x.shape[:-1], U.shape[0]))
@@ -53,8 +66,10 @@ def _fake_forward(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_sca
 
 def _fake_backward(grad_y, x, U, mask, V, t, teacher_weight, teacher_scale, student_scale,
                    needs_grad):
+    # Every backend returns fresh contiguous gradients, whatever the inputs' strides
+    # (a transposed or expanded x included): empty_like would copy x's strides.
     def like(ref: torch.Tensor, needed: bool) -> torch.Tensor:
-        return torch.empty_like(ref) if needed else ref.new_empty((0,))
+        return ref.new_empty(ref.shape) if needed else ref.new_empty((0,))
 
     dbias = grad_y.new_empty((U.shape[0],)) if needs_grad[4] else grad_y.new_empty((0,))
     return (like(x, needs_grad[0]), like(U, needs_grad[1]), like(mask, needs_grad[2]),
@@ -109,15 +124,14 @@ def register_backend_ops(
         x, U, mask, V, bias, teacher_weight, _tb, teacher_scale, student_scale = inputs
         _, t = output
         ctx.mark_non_differentiable(t)
-        # The frozen teacher is only needed for dx, and only while it is blended in.
-        keep_teacher = teacher_weight is not None and teacher_scale != 0.0
-        ctx.save_for_backward(x, U, mask, V, t, teacher_weight if keep_teacher else None)
-        ctx.scales = (teacher_scale, student_scale)
+        # The frozen teacher is only needed for dx. Its scale is a tensor: whether it is 0
+        # is not known here without a device sync, so a present teacher is always kept
+        # (a reference to a buffer, no copy).
+        ctx.save_for_backward(x, U, mask, V, t, teacher_weight, teacher_scale, student_scale)
         ctx.has_bias = bias is not None
 
     def backward(ctx, grad_y, _grad_t):
-        x, U, mask, V, t, teacher_weight = ctx.saved_tensors
-        teacher_scale, student_scale = ctx.scales
+        x, U, mask, V, t, teacher_weight, teacher_scale, student_scale = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:5]]
         needs[4] = needs[4] and ctx.has_bias
         if not any(needs):
@@ -128,4 +142,5 @@ def register_backend_ops(
         return (*out, None, None, None, None)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    register_transforms(fwd_name, bwd_name)
     return BackendOps(name, getattr(torch.ops.tunecomp, fwd_name.split("::")[1]), bwd_packet)

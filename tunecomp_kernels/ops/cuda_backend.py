@@ -1,8 +1,8 @@
 """CUDA backend ``"cuda"``: hand-written kernels in ``csrc/cuda`` behind ``torch.library``.
 
 The kernels (``csrc/cuda/mlr_kernels.cuh``) are compiled into ``tunecomp_kernels._C``
-without libtorch; :mod:`tunecomp_kernels._native` validates tensors, allocates outputs
-and a workspace with torch's allocator and launches on the current stream. This module
+without libtorch; :mod:`.cuda_marshal` turns tensors into their arguments, allocates
+outputs and a workspace with torch's allocator and launches on the current stream. This module
 registers them as ``tunecomp::masked_lowrank_cuda`` (+ ``_backward``) with
 ``torch.library.custom_op``, so an eager call crosses one op boundary and
 ``torch.compile`` sees one opaque node.
@@ -16,7 +16,8 @@ through WMMA with fp32 accumulation):
   accumulator, plus ``s·b + a·b0``.
 * ``forward_split`` (otherwise): split-K GEMM for ``t``, then one expand GEMM with the
   same single-accumulator epilogue.
-* ``forward_decode`` (``N <= 16``): GEMV kernels, split-K over ``in`` for ``t``.
+* ``forward_decode`` (``N <= CUDA_DECODE_MAX_N`` = 16): GEMV kernels, split-K over ``in``
+  for ``t``.
 * ``backward``: ``g = dy·U`` with ``h`` and the ``dmask`` reduction in its epilogue,
   ``dU`` and ``dV`` as split-K GEMMs over N, ``dx = h·V + a·dy·W0`` in one accumulator,
   ``dbias`` as a column sum. No atomics: results are reproducible bit for bit.
@@ -30,8 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _native
-from . import reference
+from . import cuda_marshal, reference
 from .contract import register_backend_ops
 from .cuda_tables import dtype_name, warn_if_unverified
 
@@ -43,12 +43,12 @@ def run_forward(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale
     ``path`` forces one forward kernel (``"fused"``, ``"split"``, ``"decode"``), for the
     GPU tests and the verification script. float64 runs the reference (kernel ``"reference"``).
     """
-    if x.dtype not in _native.CUDA_KERNEL_DTYPES:
+    if x.dtype not in cuda_marshal.CUDA_KERNEL_DTYPES:
         y, t = reference.forward(x, U, mask, V, bias, teacher_weight, teacher_bias,
                                  teacher_scale, student_scale)
         return y, t, "reference"
     x2 = x.reshape(-1, x.shape[-1])
-    y2, t, path_name = _native.masked_lowrank_forward_cuda(
+    y2, t, path_name = cuda_marshal.masked_lowrank_forward_cuda(
         x2, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale, student_scale,
         path=path)
     return y2.reshape(*x.shape[:-1], U.shape[0]), t, f"forward_{path_name}"
@@ -62,8 +62,8 @@ def forward(
     bias: torch.Tensor | None,
     teacher_weight: torch.Tensor | None,
     teacher_bias: torch.Tensor | None,
-    teacher_scale: float,
-    student_scale: float,
+    teacher_scale: torch.Tensor,
+    student_scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, t, kernel = run_forward(x, U, mask, V, bias, teacher_weight, teacher_bias,
                                teacher_scale, student_scale)
@@ -80,16 +80,16 @@ def backward(
     V: torch.Tensor,
     t: torch.Tensor,
     teacher_weight: torch.Tensor | None,
-    teacher_scale: float,
-    student_scale: float,
+    teacher_scale: torch.Tensor,
+    student_scale: torch.Tensor,
     needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x.dtype not in _native.CUDA_KERNEL_DTYPES:
+    if x.dtype not in cuda_marshal.CUDA_KERNEL_DTYPES:
         return reference.backward(grad_y, x, U, mask, V, t, teacher_weight, teacher_scale,
                                   student_scale, needs_grad)
     warn_if_unverified("backward", dtype_name(x.dtype))
     x2 = x.reshape(-1, x.shape[-1])
-    dx, dU, dmask, dV, dbias = _native.masked_lowrank_backward_cuda(
+    dx, dU, dmask, dV, dbias = cuda_marshal.masked_lowrank_backward_cuda(
         grad_y.reshape(-1, U.shape[0]), x2, U, mask, V, t, teacher_weight, teacher_scale,
         student_scale, needs_grad)
     if needs_grad[0]:

@@ -31,8 +31,11 @@ import torch
 KERNELS = ("forward_fused", "forward_split", "forward_decode", "backward")
 #: dtypes the CUDA kernels run (float64 falls back to the reference inside the backend).
 DTYPES = ("float32", "float16", "bfloat16")
-#: Rows served by the decode kernel (must match kDecodeMaxRows in csrc/common/mlr.h).
-DECODE_MAX_N = 16
+#: Rows served by the CUDA decode kernels (must match kDecodeMaxRows in csrc/common/mlr.h).
+#: The Triton backend's decode path has its own limit (triton_backend.TRITON_DECODE_MAX_N).
+CUDA_DECODE_MAX_N = 16
+#: Former name of CUDA_DECODE_MAX_N, kept for imports (the module uses the new name).
+DECODE_MAX_N = CUDA_DECODE_MAX_N
 
 _HERE = Path(__file__).resolve().parent
 VERIFIED_PATH = _HERE / "cuda_verified.json"
@@ -56,7 +59,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def n_bucket(n: int) -> str:
     """Row-count bucket of the choice table: le16 (decode), le256, le4096, gt4096."""
-    if n <= DECODE_MAX_N:
+    if n <= CUDA_DECODE_MAX_N:
         return "le16"
     if n <= 256:
         return "le256"

@@ -17,6 +17,12 @@ def _acc(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.to(intermediate_dtype(tensor.dtype))
 
 
+def _scale(value: torch.Tensor | float) -> torch.Tensor | float:
+    """A blend scale in the compute dtype: the ops pass 0-d tensors; direct callers of
+    these functions (tests, bench/cuda_verify.py) may pass Python floats."""
+    return _acc(value) if isinstance(value, torch.Tensor) else value
+
+
 def forward(
     x: torch.Tensor,
     U: torch.Tensor,
@@ -25,22 +31,28 @@ def forward(
     bias: torch.Tensor | None,
     teacher_weight: torch.Tensor | None,
     teacher_bias: torch.Tensor | None,
-    teacher_scale: float,
-    student_scale: float,
+    teacher_scale: torch.Tensor,
+    student_scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y[..., out] and t = x·Vᵀ [N, r]; see :mod:`tunecomp_kernels.ops.contract`."""
+    """y[..., out] and t = x·Vᵀ [N, r]; see :mod:`tunecomp_kernels.ops.contract`.
+
+    The op passes the scales as 0-d tensors, used as tensors (never read on the host)."""
     x2 = _acc(x.reshape(-1, x.shape[-1]))
     t = x2 @ _acc(V).t()
+    s = _scale(student_scale)
     # Scale U's columns (out×r) rather than t (N×r): same product, less memory traffic.
-    U_scaled = _acc(U) * (_acc(mask) * student_scale)
-    if bias is not None:
-        y = torch.addmm(_acc(bias), t, U_scaled.t(), beta=student_scale)
+    U_scaled = _acc(U) * (_acc(mask) * s)
+    if teacher_weight is not None:
+        # y = a·(x W0ᵀ + b0) first, then the student is accumulated into the same buffer.
+        w0 = _acc(teacher_weight).t()
+        y = torch.addmm(_acc(teacher_bias), x2, w0) if teacher_bias is not None else x2 @ w0
+        y.mul_(_scale(teacher_scale)).addmm_(t, U_scaled.t())
+        if bias is not None:
+            y.add_(_acc(bias) * s)
+    elif bias is not None:
+        y = torch.addmm(_acc(bias) * s, t, U_scaled.t())
     else:
         y = t @ U_scaled.t()
-    if teacher_weight is not None and teacher_scale != 0.0:
-        y = torch.addmm(y, x2, _acc(teacher_weight).t(), alpha=teacher_scale)
-        if teacher_bias is not None:
-            y = y.add(_acc(teacher_bias), alpha=teacher_scale)
     y = y.to(x.dtype).reshape(*x.shape[:-1], U.shape[0])
     return y, t
 
@@ -53,8 +65,8 @@ def backward(
     V: torch.Tensor,
     t: torch.Tensor,
     teacher_weight: torch.Tensor | None,
-    teacher_scale: float,
-    student_scale: float,
+    teacher_scale: torch.Tensor,
+    student_scale: torch.Tensor,
     needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dU, dmask, dV, dbias) from DESIGN §2; 0-element tensors where not needed.
@@ -66,7 +78,8 @@ def backward(
     """
     need_x, need_U, need_mask, need_V, need_bias = needs_grad
     dy = _acc(grad_y.reshape(-1, U.shape[0]))
-    mask_s = _acc(mask) * student_scale
+    s = _scale(student_scale)
+    mask_s = _acc(mask) * s
     # Outputs of a custom op may not alias each other: one fresh empty per slot.
     dx, dU, dmask, dV, dbias = (grad_y.new_empty((0,)) for _ in range(5))
 
@@ -75,7 +88,7 @@ def backward(
         if need_U:
             dU = (dy_t * mask_s).to(U.dtype)
         if need_mask:
-            dmask = (student_scale * (_acc(U) * dy_t).sum(0)).to(mask.dtype)
+            dmask = (s * (_acc(U) * dy_t).sum(0)).to(mask.dtype)
     if need_x or need_V:
         g = dy @ _acc(U)  # [N, r]
         if need_V:
@@ -83,11 +96,11 @@ def backward(
             dV = ((g.t() @ x2) * mask_s[:, None]).to(V.dtype)
         if need_x:
             dx2 = g @ (_acc(V) * mask_s[:, None])
-            if teacher_weight is not None and teacher_scale != 0.0:
-                dx2 = torch.addmm(dx2, dy, _acc(teacher_weight), alpha=teacher_scale)
+            if teacher_weight is not None:
+                dx2.addmm_(dy * _scale(teacher_scale), _acc(teacher_weight))
             dx = dx2.to(x.dtype).reshape(x.shape)
     if need_bias:
-        dbias = (student_scale * dy.sum(0)).to(grad_y.dtype)
+        dbias = (s * dy.sum(0)).to(grad_y.dtype)
     return dx, dU, dmask, dV, dbias
 
 

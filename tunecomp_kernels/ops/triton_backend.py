@@ -9,7 +9,7 @@ are registered as opaque ``custom_op``s instead (see the note at ``OPS``). Shape
 
 Forward paths (chosen per call from N, in, out and r):
 
-* **decode**, ``N <= DECODE_MAX_N``: split-K shrink ``t = x·Vᵀ`` (reads V once across the
+* **decode**, ``N <= TRITON_DECODE_MAX_N``: split-K shrink ``t = x·Vᵀ`` (reads V once across the
   whole GPU), then the expand kernel: ``y = a·x·W0ᵀ + (t ⊙ s·mask)·Uᵀ + s·b + a·b0`` in
   one accumulator.
 * **fused**, ``r <= FUSED_MAX_R`` (256) and out narrow enough (below): one kernel; x is
@@ -84,8 +84,12 @@ FUSED_OUT_SPAN = 256
 MODEL_FLOPS = 700e12
 MODEL_BANDWIDTH = 3.5e12
 MODEL_LAUNCH_S = 4e-6
-#: Largest row count served by the decode path (split-K shrink + expand).
-DECODE_MAX_N = 64
+#: Largest row count served by the Triton decode path (split-K shrink + expand). The CUDA
+#: backend's decode kernels have their own, smaller limit (cuda_tables.CUDA_DECODE_MAX_N).
+TRITON_DECODE_MAX_N = 64
+#: Former name of TRITON_DECODE_MAX_N, kept for imports (read-only: the backend uses the
+#: new name).
+DECODE_MAX_N = TRITON_DECODE_MAX_N
 #: dU is fused into the backward dy kernel only up to this many rows and ranks. Each
 #: row tile adds a full [O, r] fp32 partial atomically, which beats re-reading dy
 #: (N·O 16-bit values) only while there are very few row tiles: the decode regime,
@@ -112,6 +116,13 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def _wide_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision of the products that read the fp32 intermediates t and h: the
+    fp32 inputs' own precision, TF32 for half inputs (fp32 range, fp16's mantissa: see
+    :mod:`.triton_kernels.forward`)."""
+    return _precision(dtype) if dtype == torch.float32 else "tf32"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -144,8 +155,11 @@ def _scratch(like: torch.Tensor) -> torch.Tensor:
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, key_m: int, key_n: int,
-          key_k: int, *, scale: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
-    """fp32 ``alpha · a [M, K] @ b [K, N] ⊙ scale [N]`` (a, b may be strided views)."""
+          key_k: int, *, scale: torch.Tensor | None = None,
+          alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``alpha · a [M, K] @ b [K, N] ⊙ scale [N]`` (a, b may be strided views; alpha a
+    0-d tensor). An fp32 operand next to a half ``ref`` runs the product in fp32/TF32."""
+    wide = a.dtype != b.dtype or (a.dtype == torch.float32 and ref.dtype != torch.float32)
     m, k = a.shape
     n = b.shape[1]
     c = torch.zeros((m, n), dtype=torch.float32, device=a.device)
@@ -158,20 +172,20 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, ref: torch.Tensor, key_m: int, key_n
         a, b, c, scale if scale is not None else ref, ref,
         m, n, k, key_m, key_n, key_k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        alpha,
-        HAS_SCALE=scale is not None, UPCAST=_upcast(ref.dtype),
-        PRECISION=_precision(ref.dtype),
+        alpha if alpha is not None else c,
+        HAS_SCALE=scale is not None, HAS_ALPHA=alpha is not None, WIDE=wide,
+        UPCAST=_upcast(ref.dtype),
+        PRECISION=_wide_precision(ref.dtype) if wide else _precision(ref.dtype),
     )
     return c
 
 
 def _expand(out: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, ref: torch.Tensor,
-            *, mask: torch.Tensor | None = None, scale1: float = 1.0,
+            s: torch.Tensor, a: torch.Tensor, *, mask: torch.Tensor | None = None,
             a2: torch.Tensor | None = None, b2: torch.Tensor | None = None,
-            alpha2: float = 0.0, bias1: torch.Tensor | None = None, beta1: float = 0.0,
-            bias2: torch.Tensor | None = None, beta2: float = 0.0) -> None:
-    """out [M, N] = (a1 [M, R1] ⊙ scale1·mask) @ b1 [R1, N] + alpha2·a2 [M, K2] @ b2 [K2, N]
-    + beta1·bias1 + beta2·bias2, in one kernel and one accumulator."""
+            bias1: torch.Tensor | None = None, bias2: torch.Tensor | None = None) -> None:
+    """out [M, N] = (a1 [M, R1] ⊙ s·mask) @ b1 [R1, N] + a·a2 [M, K2] @ b2 [K2, N]
+    + s·bias1 + a·bias2, in one kernel and one accumulator (s, a: 0-d tensors; a1 fp32)."""
     m, n = out.shape
     r1 = a1.shape[1]
     has_second = a2 is not None
@@ -188,14 +202,15 @@ def _expand(out: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, ref: torch.Te
         a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
         a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
         out.stride(0), out.stride(1),
-        scale1, alpha2, beta1, beta2,
+        s, a,
         HAS_MASK=mask is not None, HAS_SECOND=has_second, HAS_BIAS1=bias1 is not None,
         HAS_BIAS2=bias2 is not None, UPCAST=_upcast(ref.dtype), PRECISION=_precision(ref.dtype),
+        WIDE_PRECISION=_wide_precision(ref.dtype),
     )
 
 
 def _shrink_decode(x2: torch.Tensor, V: torch.Tensor, out_features: int) -> torch.Tensor:
-    """t [N, r] fp32 = x2 [N, K] @ Vᵀ for N <= DECODE_MAX_N, split-K over K."""
+    """t [N, r] fp32 = x2 [N, K] @ Vᵀ for N <= TRITON_DECODE_MAX_N, split-K over K."""
     n, k = x2.shape
     r = V.shape[0]
     t = torch.zeros((n, r), dtype=torch.float32, device=x2.device)
@@ -220,10 +235,11 @@ def forward(
     bias: torch.Tensor | None,
     teacher_weight: torch.Tensor | None,
     teacher_bias: torch.Tensor | None,
-    teacher_scale: float,
-    student_scale: float,
+    teacher_scale: torch.Tensor,
+    student_scale: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y [..., O] (x's dtype) and t = x·Vᵀ [N, r] (fp32 for half inputs); see the contract."""
+    """y [..., O] (x's dtype) and t = x·Vᵀ [N, r] (fp32 for half inputs); see the contract.
+    The scales are 0-d tensors the kernels load."""
     out_f, r = U.shape
     if x.dtype == torch.float64 or r == 0:
         return reference.forward(x, U, mask, V, bias, teacher_weight, teacher_bias,
@@ -240,17 +256,16 @@ def forward(
                 torch.empty((0, r), dtype=torch.float32, device=x.device))
     mask = mask.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    has_teacher = teacher_weight is not None and teacher_scale != 0.0
-    w0 = teacher_weight if has_teacher else None
+    has_teacher = teacher_weight is not None
+    w0 = teacher_weight
     b0 = teacher_bias.contiguous() if has_teacher and teacher_bias is not None else None
 
-    if n <= DECODE_MAX_N or not _fused_is_cheaper(n, k, out_f, r):
-        t = (_shrink_decode(x2, V, out_f) if n <= DECODE_MAX_N
+    if n <= TRITON_DECODE_MAX_N or not _fused_is_cheaper(n, k, out_f, r):
+        t = (_shrink_decode(x2, V, out_f) if n <= TRITON_DECODE_MAX_N
              else _gemm(x2, V.t(), x2, at.n_bucket(n), r, k))
-        _expand(y, t, U.t(), x2, mask=mask, scale1=student_scale,
+        _expand(y, t, U.t(), x2, student_scale, teacher_scale, mask=mask,
                 a2=x2 if has_teacher else None, b2=w0.t() if has_teacher else None,
-                alpha2=teacher_scale, bias1=bias, beta1=student_scale,
-                bias2=b0, beta2=teacher_scale)
+                bias1=bias, bias2=b0)
     else:
         t = torch.empty((n, r), dtype=torch.float32, device=x.device)
         wt = w0 if w0 is not None else V  # never read without a teacher
@@ -268,7 +283,8 @@ def forward(
             teacher_scale, student_scale,
             HAS_BIAS=bias is not None, HAS_TEACHER=has_teacher,
             HAS_TEACHER_BIAS=b0 is not None, UPCAST=_upcast(x.dtype),
-            PRECISION=_precision(x.dtype), BLOCK_R=_rank_block(r),
+            PRECISION=_precision(x.dtype), WIDE_PRECISION=_wide_precision(x.dtype),
+            BLOCK_R=_rank_block(r),
         )
     return y.reshape(*x.shape[:-1], out_f), t
 
@@ -281,11 +297,12 @@ def backward(
     V: torch.Tensor,
     t: torch.Tensor,
     teacher_weight: torch.Tensor | None,
-    teacher_scale: float,
-    student_scale: float,
+    teacher_scale: torch.Tensor,
+    student_scale: torch.Tensor,
     needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dU, dmask, dV, dbias) from DESIGN §2; fresh 0-element tensors where not needed."""
+    """(dx, dU, dmask, dV, dbias) from DESIGN §2; fresh 0-element tensors where not needed.
+    h = s·(dy·U) ⊙ mask is kept in fp32 between the kernels (see the dy kernel)."""
     out_f, r = U.shape
     if x.dtype == torch.float64 or r == 0:
         return reference.backward(grad_y, x, U, mask, V, t, teacher_weight, teacher_scale,
@@ -311,8 +328,7 @@ def backward(
     need_g = need_x or need_V or need_mask
     need_h = need_x or need_V
     fuse_du = need_U and need_g and n <= FUSE_DU_MAX_N and r <= FUSE_DU_MAX_R
-    h = (torch.empty((n, r), dtype=x.dtype, device=x.device) if need_h
-         else _scratch(x).to(x.dtype))
+    h = torch.empty((n, r), dtype=torch.float32, device=x.device) if need_h else _scratch(x)
     du_acc = torch.zeros((out_f, r), dtype=torch.float32, device=x.device) if fuse_du \
         else _scratch(x)
     dmask_acc = torch.zeros(r, dtype=torch.float32, device=x.device) if need_mask \
@@ -335,7 +351,7 @@ def backward(
             student_scale,
             FUSE_DU=fuse_du, NEED_MASK=need_mask, NEED_H=need_h,
             NEED_BIAS=fold_bias, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
-            BLOCK_R=block_r,
+            WIDE_PRECISION=_wide_precision(x.dtype), BLOCK_R=block_r,
         )
     if need_U:
         if not fuse_du:
@@ -351,10 +367,10 @@ def backward(
     if need_V:
         dV = _gemm(h.t(), x2, x2, r, k, at.n_bucket(n)).to(V.dtype)
     if need_x:
-        has_teacher = teacher_weight is not None and teacher_scale != 0.0
+        has_teacher = teacher_weight is not None
         dx2 = torch.empty((n, k), dtype=x.dtype, device=x.device)
-        _expand(dx2, h, V, x2, a2=dy if has_teacher else None,
-                b2=teacher_weight if has_teacher else None, alpha2=teacher_scale)
+        _expand(dx2, h, V, x2, student_scale, teacher_scale, a2=dy if has_teacher else None,
+                b2=teacher_weight if has_teacher else None)
         dx = dx2.reshape(x.shape)
     return dx, dU, dmask, dV, dbias
 

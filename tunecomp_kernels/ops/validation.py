@@ -21,8 +21,8 @@ def check_inputs(
     bias: torch.Tensor | None,
     teacher_weight: torch.Tensor | None,
     teacher_bias: torch.Tensor | None,
-    teacher_scale: float,
-    student_scale: float,
+    teacher_scale: float | torch.Tensor,
+    student_scale: float | torch.Tensor,
 ) -> None:
     """Raise ``ValueError`` unless the op's inputs agree (DESIGN §2 shapes); never broadcast."""
     named = {"x": x, "U": U, "mask": mask, "V": V, "bias": bias,
@@ -79,11 +79,24 @@ def check_inputs(
         raise ValueError(f"device mismatch: all tensors must be on one device, got {listed}")
 
     for name, value in (("teacher_scale", teacher_scale), ("student_scale", student_scale)):
-        if torch.compiler.is_compiling():
-            break  # scales may be symbolic under torch.compile; eager calls check them
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-    if teacher_scale != 0.0 and teacher_weight is None:
+        _check_scale(name, value)
+    if (not isinstance(teacher_scale, torch.Tensor) and teacher_scale != 0.0
+            and teacher_weight is None):
         raise ValueError(f"teacher_scale={teacher_scale} but no teacher_weight was given")
+
+
+def _check_scale(name: str, value: object) -> None:
+    """A scale is a real number or a 0-d floating tensor. A tensor's value is not read
+    (that would sync a GPU, and break graphs under torch.compile), so neither its
+    finiteness nor a non-zero teacher_scale without a teacher can be checked."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a float or a 0-d floating tensor, got a "
+                             f"{value.dtype} tensor of shape {_shape(value)}")
+        return
+    if torch.compiler.is_compiling():
+        return  # scales may be symbolic under torch.compile; eager calls check them
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")

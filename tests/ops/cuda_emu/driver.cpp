@@ -52,11 +52,11 @@ int tc_emu_backward_plan(int64_t n, int64_t k, int64_t m, int64_t r, int64_t dty
 
 int tc_emu_forward(uint64_t x, uint64_t U, uint64_t mask, uint64_t V, uint64_t bias, uint64_t W0,
                    uint64_t b0, uint64_t y, uint64_t t, uint64_t ws, uint64_t ws_bytes, int64_t n,
-                   int64_t k, int64_t m, int64_t r, int64_t dtype, double a, double s,
+                   int64_t k, int64_t m, int64_t r, int64_t dtype, uint64_t scales,
                    int64_t path, int64_t sms, char* err, int err_len) {
   return guarded(err, err_len, [&] {
     const auto args = tunecomp::mlr::make_forward_args(x, U, mask, V, bias, W0, b0, y, t, ws, ws_bytes,
-                                                       n, k, m, r, dtype, a, s, path, sms);
+                                                       n, k, m, r, dtype, scales, path, sms);
     tunecomp::mlr_forward_cuda(args, nullptr);
   });
 }
@@ -64,11 +64,11 @@ int tc_emu_forward(uint64_t x, uint64_t U, uint64_t mask, uint64_t V, uint64_t b
 int tc_emu_backward(uint64_t dy, uint64_t x, uint64_t U, uint64_t mask, uint64_t V, uint64_t t,
                     uint64_t W0, uint64_t dx, uint64_t dU, uint64_t dmask, uint64_t dV,
                     uint64_t dbias, uint64_t ws, uint64_t ws_bytes, int64_t n, int64_t k,
-                    int64_t m, int64_t r, int64_t dtype, double a, double s, int64_t needs,
+                    int64_t m, int64_t r, int64_t dtype, uint64_t scales, int64_t needs,
                     int64_t sms, char* err, int err_len) {
   return guarded(err, err_len, [&] {
     const auto args = tunecomp::mlr::make_backward_args(dy, x, U, mask, V, t, W0, dx, dU, dmask, dV,
-                                                        dbias, ws, ws_bytes, n, k, m, r, dtype, a, s,
+                                                        dbias, ws, ws_bytes, n, k, m, r, dtype, scales,
                                                         needs, sms);
     tunecomp::mlr_backward_cuda(args, nullptr);
   });

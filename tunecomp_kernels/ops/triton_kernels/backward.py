@@ -11,7 +11,9 @@ output dim in ``BLOCK_O`` steps. Each dy tile is used, while it sits in register
 * ``dbias[o-tile] += s·Σ_rows dy``     (first rank slice only).
 
 After the loop g is complete, so the epilogue folds in ``dmask += s·Σ_rows t ⊙ g`` and
-stores ``h = g ⊙ ms`` (in x's dtype) for the dx and dV kernels. Sums over the rows of
+stores ``h = g ⊙ ms`` (fp32: in fp16, dy·U of small dy and U went subnormal, and large
+ones overflowed) for the dx and dV kernels. The fused dU product reads fp32 t ⊙ ms with
+``WIDE_PRECISION`` like the forward's second product (see :mod:`.forward`). Sums over the rows of
 several programs meet through ``tl.atomic_add`` in zero-filled fp32 buffers; with a
 single row tile (decode) dU is stored directly.
 
@@ -41,13 +43,16 @@ def dy_kernel(
     N, K, O, R, N_BUCKET,
     stride_dyn, stride_dyo, stride_uo, stride_ur, stride_tn, stride_tr,
     stride_hn, stride_hr, stride_duo, stride_dur,
-    student_scale,
+    s_ptr,
     FUSE_DU: tl.constexpr, NEED_MASK: tl.constexpr, NEED_H: tl.constexpr,
     NEED_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_M), cdiv(R, BLOCK_R))``. dy [N, O], U [O, R], t [N, R] fp32;
-    writes h [N, R]; accumulates dU [O, R], dmask [R], dbias [O] (fp32, zeroed)."""
+    writes h [N, R] (fp32); accumulates dU [O, R], dmask [R], dbias [O] (fp32, zeroed).
+    s is loaded from the 0-d tensor at ``s_ptr``."""
+    student_scale = tl.load(s_ptr).to(tl.float32)
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -56,9 +61,9 @@ def dy_kernel(
     m_ok = offs_m < N
     r_ok = offs_r < R
     ms = tl.load(mask_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32) * student_scale
-    if FUSE_DU:  # only the dot-dtype t·ms stays live through the loop, not fp32 t
+    if FUSE_DU:  # fp32 t·ms: rounded to fp16 it could overflow
         t = load_tile(t_ptr, offs_m, offs_r, stride_tn, stride_tr, m_ok, r_ok).to(tl.float32)
-        ts = dot_operand(t * ms[None, :], ref_ptr, UPCAST)
+        ts = t * ms[None, :]
     else:
         ts = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     single_row_tile = tl.num_programs(0) == 1
@@ -71,7 +76,8 @@ def dy_kernel(
         ut = load_tile(u_ptr, offs_o, offs_r, stride_uo, stride_ur, o_ok, r_ok)
         g = tl.dot(dyd, dot_operand(ut, ref_ptr, UPCAST), g, input_precision=PRECISION)
         if FUSE_DU:
-            du = tl.dot(tl.trans(dyd), ts, input_precision=PRECISION)  # [BLOCK_O, BLOCK_R]
+            du = tl.dot(tl.trans(dyt.to(tl.float32)), ts,
+                        input_precision=WIDE_PRECISION)  # [BLOCK_O, BLOCK_R]
             du_ptrs = du_ptr + offs_o[:, None] * stride_duo + offs_r[None, :] * stride_dur
             du_ok = o_ok[:, None] & r_ok[None, :]
             if single_row_tile:

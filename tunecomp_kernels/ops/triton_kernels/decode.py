@@ -1,4 +1,4 @@
-"""Decode path (N <= ``DECODE_MAX_N`` rows): split-K shrink ``t = x·Vᵀ``.
+"""Decode path (N <= ``TRITON_DECODE_MAX_N`` rows): split-K shrink ``t = x·Vᵀ``.
 
 With a handful of rows, ``x·Vᵀ`` is tall-skinny on the wrong side: the output ``[N, r]``
 has too few tiles to occupy the GPU while the reduction over ``in`` is long, and the time

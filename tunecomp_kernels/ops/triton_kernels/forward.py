@@ -3,6 +3,15 @@
 Notation: x ``[N, K]`` (K = in), V ``[R, K]``, U ``[O, R]`` (O = out), mask ``[R]``,
 W0 ``[O, K]``; ``a`` = teacher_scale, ``s`` = student_scale.
 
+Numerics: t = x·Vᵀ, and h in the backward, are fp32 and stay fp32: the products that
+read them (``(t ⊙ s·mask)·Uᵀ`` here, ``h·V``, ``dyᵀ·t``, ``hᵀ·x``) take fp32 operands with
+``WIDE_PRECISION`` (TF32 for half inputs). Rounding t to fp16 first overflowed for
+|t| > 65504 and lost precision below 6e-5 (subnormals), although y itself was in range.
+TF32 keeps fp32's exponent range with fp16's 10 mantissa bits, so the result is as
+precise as the fp16 dot was for in-range t, while these r-long products run at half the
+fp16 tensor-core rate; the long products over in (x·Vᵀ, the teacher) stay in fp16/bf16.
+fp32 inputs use the same precision as their other dots (IEEE unless TF32 is allowed).
+
 ``fused_forward_kernel`` (r <= ``FUSED_MAX_R``): one program owns ``BLOCK_M`` rows and
 ``OUT_TILES`` consecutive output tiles of ``BLOCK_N`` columns. Its first K-loop loads each
 x tile once and feeds it to two ``tl.dot``s: ``t += x·Vᵀ`` (the whole ``[BLOCK_M, r]``
@@ -32,15 +41,15 @@ from .common import dot_operand, load_tile
 @triton.jit
 def _finish_tile(acc, ts, offs_m, offs_o, m_ok, o_ok, offs_r, r_ok,
                  u_ptr, stride_uo, stride_ur, bias_ptr, b0_ptr,
-                 y_ptr, stride_yn, stride_yo, x_ptr, teacher_scale, student_scale,
+                 y_ptr, stride_yn, stride_yo, teacher_scale, student_scale,
                  HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr,
-                 HAS_TEACHER_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """acc [BM, BN] holds x·W0ᵀ (or zeros): y = a·acc + ts·Uᵀ + s·bias + a·b0, stored."""
+                 HAS_TEACHER_BIAS: tl.constexpr, WIDE_PRECISION: tl.constexpr):
+    """acc [BM, BN] holds x·W0ᵀ (or zeros), ts the fp32 t ⊙ s·mask:
+    y = a·acc + ts·Uᵀ + s·bias + a·b0, stored."""
     if HAS_TEACHER:
         acc = acc * teacher_scale
     ut = load_tile(u_ptr, offs_r, offs_o, stride_ur, stride_uo, r_ok, o_ok)  # Uᵀ [BR, BN]
-    acc = tl.dot(ts, dot_operand(ut, x_ptr, UPCAST), acc, input_precision=PRECISION)
+    acc = tl.dot(ts, ut.to(tl.float32), acc, input_precision=WIDE_PRECISION)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)
         acc += student_scale * b[None, :]
@@ -59,14 +68,18 @@ def fused_forward_kernel(
     N, K, O, R, N_BUCKET,
     stride_xn, stride_xk, stride_vr, stride_vk, stride_uo, stride_ur,
     stride_wo, stride_wk, stride_yn, stride_yo, stride_tn, stride_tr,
-    teacher_scale, student_scale,
+    a_ptr, s_ptr,
     HAS_BIAS: tl.constexpr, HAS_TEACHER: tl.constexpr, HAS_TEACHER_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, WIDE_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     OUT_TILES: tl.constexpr,
 ):
     """y [N, O] and t [N, R] (fp32) in one pass; grid
-    ``(cdiv(N, BLOCK_M), cdiv(cdiv(O, BLOCK_N), OUT_TILES))``; ``BLOCK_R >= R``."""
+    ``(cdiv(N, BLOCK_M), cdiv(cdiv(O, BLOCK_N), OUT_TILES))``; ``BLOCK_R >= R``.
+    The scales a, s are loaded from the 0-d tensors at ``a_ptr``, ``s_ptr``."""
+    teacher_scale = tl.load(a_ptr).to(tl.float32)
+    student_scale = tl.load(s_ptr).to(tl.float32)
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,11 +110,11 @@ def fused_forward_kernel(
     tl.store(t_ptr + offs_m[:, None] * stride_tn + offs_r[None, :] * stride_tr, t,
              mask=(offs_m < n_lim)[:, None] & r_ok[None, :])
     ms = tl.load(mask_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32) * student_scale
-    ts = dot_operand(t * ms[None, :], x_ptr, UPCAST)
+    ts = t * ms[None, :]  # fp32: rounded to fp16 it could overflow (see the module doc)
     _finish_tile(acc, ts, offs_m, offs_o, m_ok, o_ok, offs_r, r_ok, u_ptr, stride_uo,
-                 stride_ur, bias_ptr, b0_ptr, y_ptr, stride_yn, stride_yo, x_ptr,
+                 stride_ur, bias_ptr, b0_ptr, y_ptr, stride_yn, stride_yo,
                  teacher_scale, student_scale, HAS_BIAS, HAS_TEACHER, HAS_TEACHER_BIAS,
-                 UPCAST, PRECISION)
+                 WIDE_PRECISION)
 
     # Further output tiles reuse t from registers; only the teacher re-reads x.
     for j in range(1, OUT_TILES):
@@ -121,8 +134,8 @@ def fused_forward_kernel(
                                   input_precision=PRECISION)
             _finish_tile(accj, ts, offs_m, offs_oj, m_ok, o_okj, offs_r, r_ok, u_ptr,
                          stride_uo, stride_ur, bias_ptr, b0_ptr, y_ptr, stride_yn, stride_yo,
-                         x_ptr, teacher_scale, student_scale, HAS_BIAS, HAS_TEACHER,
-                         HAS_TEACHER_BIAS, UPCAST, PRECISION)
+                         teacher_scale, student_scale, HAS_BIAS, HAS_TEACHER,
+                         HAS_TEACHER_BIAS, WIDE_PRECISION)
 
 
 @at.autotune(at.EXPAND, at.EXPAND_INTERP, key=at.EXPAND_KEY)
@@ -132,14 +145,17 @@ def expand_kernel(
     M, N, R1, K2, KEY_M, KEY_N, KEY_K, KEY_R,
     stride_a1m, stride_a1r, stride_b1r, stride_b1n,
     stride_a2m, stride_a2k, stride_b2k, stride_b2n, stride_cm, stride_cn,
-    scale1, alpha2, beta1, beta2,
+    s_ptr, a_ptr,
     HAS_MASK: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS1: tl.constexpr,
     HAS_BIAS2: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    WIDE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C [M, N] = (A1 [M, R1] ⊙ scale1·mask)·B1 [R1, N] + alpha2·A2 [M, K2]·B2 [K2, N]
-    + beta1·bias1 + beta2·bias2, one fp32 accumulator; grid
-    ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``. Dot operands take ``ref_ptr``'s dtype."""
+    """C [M, N] = (A1 [M, R1] ⊙ s·mask)·B1 [R1, N] + a·A2 [M, K2]·B2 [K2, N]
+    + s·bias1 + a·bias2, one fp32 accumulator; grid ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N))``.
+    s and a are loaded from ``s_ptr`` / ``a_ptr`` (read only where used). A1 is fp32 (t or
+    h) and its product runs on fp32 operands (``WIDE_PRECISION``); A2·B2 takes
+    ``ref_ptr``'s dtype."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,7 +172,8 @@ def expand_kernel(
             b2 = load_tile(b2_ptr, offs_k, offs_n, stride_b2k, stride_b2n, k_ok, n_ok)
             acc = tl.dot(dot_operand(a2, ref_ptr, UPCAST), dot_operand(b2, ref_ptr, UPCAST),
                          acc, input_precision=PRECISION)
-        acc = acc * alpha2
+        acc = acc * tl.load(a_ptr).to(tl.float32)
+    scale1 = tl.load(s_ptr).to(tl.float32)
     for r0 in range(0, R1, BLOCK_K):
         offs_r = r0 + offs_kb
         r_ok = offs_r < R1
@@ -165,11 +182,11 @@ def expand_kernel(
             ms = tl.load(mask_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32) * scale1
             a1 = a1.to(tl.float32) * ms[None, :]
         b1 = load_tile(b1_ptr, offs_r, offs_n, stride_b1r, stride_b1n, r_ok, n_ok)
-        acc = tl.dot(dot_operand(a1, ref_ptr, UPCAST), dot_operand(b1, ref_ptr, UPCAST),
-                     acc, input_precision=PRECISION)
+        acc = tl.dot(a1.to(tl.float32), b1.to(tl.float32), acc, input_precision=WIDE_PRECISION)
     if HAS_BIAS1:
-        acc += beta1 * tl.load(bias1_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += scale1 * tl.load(bias1_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS2:
-        acc += beta2 * tl.load(bias2_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        b2v = tl.load(bias2_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc += tl.load(a_ptr).to(tl.float32) * b2v[None, :]
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

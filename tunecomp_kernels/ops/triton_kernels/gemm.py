@@ -24,13 +24,17 @@ def gemm_kernel(
     a_ptr, b_ptr, c_ptr, scale_ptr, ref_ptr,
     M, N, K, KEY_M, KEY_N, KEY_K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    alpha,
-    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    alpha_ptr,
+    HAS_SCALE: tl.constexpr, HAS_ALPHA: tl.constexpr, WIDE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
     """C [M, N] (fp32, zeroed) = alpha · A [M, K] · B [K, N] ⊙ scale [N]; grid
-    ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K)``."""
+    ``(cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K)``. alpha (``HAS_ALPHA``) is loaded
+    from the 0-d tensor at ``alpha_ptr``. ``WIDE``: an operand is an fp32 intermediate
+    (t or h), so both are fed to ``tl.dot`` as fp32 with ``PRECISION`` (the launcher
+    passes TF32 for half inputs, see :mod:`.forward`); else they take ``ref_ptr``'s dtype."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -49,9 +53,13 @@ def gemm_kernel(
         k_ok = offs_k < k_stop
         a = load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, m_ok, k_ok)
         b = load_tile(b_ptr, offs_k, offs_n, stride_bk, stride_bn, k_ok, n_ok)
-        acc = tl.dot(dot_operand(a, ref_ptr, UPCAST), dot_operand(b, ref_ptr, UPCAST), acc,
-                     input_precision=PRECISION)
-    acc = acc * alpha
+        if WIDE:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(dot_operand(a, ref_ptr, UPCAST), dot_operand(b, ref_ptr, UPCAST),
+                         acc, input_precision=PRECISION)
+    if HAS_ALPHA:
+        acc = acc * tl.load(alpha_ptr).to(tl.float32)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
