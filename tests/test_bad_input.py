@@ -162,7 +162,8 @@ def test_prepare_leaves_a_poisoned_model_untouched():
 @pytest.fixture
 def prepared():
     model = block_net()
-    return model, prepare(model, TuneCompConfig(target_ratio=0.5), forward=forward_x)
+    return model, prepare(model, TuneCompConfig(target_ratio=0.5, init_rank_ratio=1.0),
+                          forward=forward_x)
 
 
 def test_controller_rejects_layers_not_made_by_prepare(prepared):
