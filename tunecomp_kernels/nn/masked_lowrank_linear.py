@@ -83,6 +83,13 @@ class MaskedLowRankLinear(nn.Module):
             self.register_parameter("bias", None)
         self.register_buffer("teacher_weight", None)
         self.register_buffer("teacher_bias", None)
+        # The blend scales reach the op as these 0-d tensors, updated in place by the
+        # teacher_scale / student_scale setters: torch.compile reads them as data, so a
+        # new α does not recompile. Non-persistent: state_dict keys are unchanged.
+        scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for name in ("teacher_scale_tensor", "student_scale_tensor"):
+            self.register_buffer(name, torch.zeros((), dtype=scale_dtype, device=device),
+                                 persistent=False)
         self.teacher_scale = 0.0
         self.student_scale = 1.0
         self.reset_parameters()
@@ -124,14 +131,61 @@ class MaskedLowRankLinear(nn.Module):
             )
         super().__setattr__(name, value)
 
+    # --- blend scales ------------------------------------------------------------------
+
+    @property
+    def teacher_scale(self) -> float:
+        """The teacher's blend scale ``a`` (a float; the forward passes the 0-d buffer
+        ``teacher_scale_tensor``, which the setter updates in place)."""
+        return self._teacher_scale
+
+    @teacher_scale.setter
+    def teacher_scale(self, value: float) -> None:
+        self._teacher_scale = self._set_scale("teacher_scale", value)
+
+    @property
+    def student_scale(self) -> float:
+        """The student's blend scale ``s`` (a float; see :attr:`teacher_scale`)."""
+        return self._student_scale
+
+    @student_scale.setter
+    def student_scale(self, value: float) -> None:
+        self._student_scale = self._set_scale("student_scale", value)
+
+    def _set_scale(self, name: str, value: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        with torch.no_grad():
+            getattr(self, f"{name}_tensor").fill_(value)
+        return value
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
+        super()._apply(fn, recurse)
+        # .half() / .to(torch.bfloat16) would round the scales (0.3 -> 0.2998): keep fp32.
+        for name, value in (("teacher_scale_tensor", self._teacher_scale),
+                            ("student_scale_tensor", self._student_scale)):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype not in (torch.float32, torch.float64):
+                self._buffers[name] = torch.full((), value, dtype=torch.float32,
+                                                 device=buf.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out]."""
+        teacher = self.teacher_weight
+        # Eager calls skip a zero-weight teacher; a compiled graph must not read the float
+        # (Dynamo would guard on its value), so it always blends the present teacher in.
+        if not torch.compiler.is_compiling() and self._teacher_scale == 0.0:
+            teacher = None
         return masked_lowrank_linear(
             x, self.U, self.mask, self.V, self.bias,
-            teacher_weight=self.teacher_weight,
-            teacher_bias=self.teacher_bias,
-            teacher_scale=self.teacher_scale if self.teacher_weight is not None else 0.0,
-            student_scale=self.student_scale,
+            teacher_weight=teacher,
+            teacher_bias=self.teacher_bias if teacher is not None else None,
+            teacher_scale=self.teacher_scale_tensor,
+            student_scale=self.student_scale_tensor,
             backend=self.backend,
         )
 
