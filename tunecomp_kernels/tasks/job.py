@@ -213,11 +213,10 @@ def run_job(s: JobSettings, paths: run_dir.RunPaths, state: JobState | None = No
         raise DataError("min_confidence needs confidence_column")
     say("reading, splitting and tokenising the data")
     setup = _load_task(s, src)
-    settings = s.to_dict()
     if s.resume:
-        run_dir.check_same_job(paths, settings)
+        run_dir.check_same_job(paths, s.to_dict())
     if s.checkpoint_every:
-        run_dir.record_job(paths, settings)
+        run_dir.record_job(paths, s.to_dict())
     dense_row, probe = _dense_rows(s, setup, paths, state, say)
     config = s.tunecomp_config()
     print(f"TuneComp: target {s.ratio:g} of the block linears, init {s.init} at "
@@ -226,9 +225,32 @@ def run_job(s: JobSettings, paths: run_dir.RunPaths, state: JobState | None = No
           f"batch {s.batch_size}", flush=True)
     result, curve = _train(s, setup, "tunecomp", paths, state)
     train_seconds = time.perf_counter() - started
-    model, report = result.model, result.report
     dense_row["params"] = result.controller.original_params
     state.phase = "finishing"
+    comp_row, predictions, same = _finish(s, paths, setup, result, probe, dense_row, say)
+    summary = {
+        "settings": s.to_dict(), "model_dir": str(src.model_dir), "data": str(src.data_path),
+        "split": {"seed": s.split_seed, "train": len(setup.train), "val": len(setup.val),
+                  "test": len(setup.test), "labels": setup.label_names,
+                  "notes": setup.notes},
+        "config": config.to_dict(),
+        "training": {"steps": s.steps, "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
+                     "seconds": train_seconds},
+        "dense": dense_row, "compressed": comp_row, "val_curve": curve,
+        "report": result.report.to_dict(), "reload_identical": same,
+        "test_predictions": predictions,
+    }
+    add_files(paths.output, {"summary.json": sm.summary_json(summary)})
+    run_dir.remove_run_files(paths)
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _finish(s: JobSettings, paths: run_dir.RunPaths, setup: TaskSetup, result, probe,
+            dense_row: dict[str, Any], say: Callable[[str], None]):
+    """Evaluate, time, save, reload and print; (compressed row, test predictions,
+    whether the reloaded model predicts the same)."""
+    model, report = result.model, result.report
     say("evaluating the compressed model on val and test")
     model.eval()
     comp_row, predictions = _evaluate(model, setup)
@@ -237,7 +259,6 @@ def run_job(s: JobSettings, paths: run_dir.RunPaths, state: JobState | None = No
     latency_batch = next(iter(setup.test_in_order(32)))
     dense_row["latency"], comp_row["latency"] = clf.measure_latency_pair(probe, model,
                                                                          latency_batch)
-    del probe
     say(f"saving to {paths.output} and checking the reloaded model")
     _save(model, paths.output, s.overwrite or s.resume, paths)
     comp_row["size"] = clf.dir_size(paths.output)
@@ -245,21 +266,7 @@ def run_job(s: JobSettings, paths: run_dir.RunPaths, state: JobState | None = No
     _print_results(s, report, dense_row, comp_row, tuple(latency_batch["input_ids"].shape))
     print(f"saved to {paths.output} (reloaded with load_compressed: predictions "
           f"{'identical' if same else 'DIFFER'}, max |logit diff| {max_diff:.2e})")
-    summary = {
-        "settings": settings, "model_dir": str(src.model_dir), "data": str(src.data_path),
-        "split": {"seed": s.split_seed, "train": len(setup.train), "val": len(setup.val),
-                  "test": len(setup.test), "labels": setup.label_names,
-                  "notes": setup.notes},
-        "config": config.to_dict(),
-        "training": {"steps": s.steps, "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
-                     "seconds": train_seconds},
-        "dense": dense_row, "compressed": comp_row, "val_curve": curve,
-        "report": report.to_dict(), "reload_identical": same, "test_predictions": predictions,
-    }
-    add_files(paths.output, {"summary.json": sm.summary_json(summary)})
-    run_dir.remove_run_files(paths)
-    print(f"total time {time.perf_counter() - started:.0f} s")
-    return 0
+    return comp_row, predictions, same
 
 
 def _print_results(s: JobSettings, report, dense_row: dict, comp_row: dict,

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..compress.config import BLENDS, DISTILL_MODES, TuneCompConfig
 from ..nn.init import INIT_METHODS
+from .data import unsupported_type
 
 #: TuneCompConfig's defaults: the validated recipe (one source of truth).
 _RECIPE = {f.name: f.default for f in dataclasses.fields(TuneCompConfig) if f.init}
@@ -164,6 +165,8 @@ class JobSettings:
                 raise SettingsError("data", f"data: file not found: {path}")
             if not path.is_file():
                 raise SettingsError("data", f"data: not a file: {path}")
+            if unsupported_type(path):
+                raise SettingsError("data", f"data: {unsupported_type(path)}")
 
     def tunecomp_config(self) -> TuneCompConfig:
         """The run's :class:`TuneCompConfig` (recipe defaults for the rest).
