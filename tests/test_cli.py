@@ -110,3 +110,47 @@ def test_bad_arguments_exit_2_with_one_line(tiny_model, tiny_csv, tmp_path, caps
     assert message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_version(capsys):
+    from tunecomp_kernels import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip().startswith(f"tunecomp_kernels {__version__} ")
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "abc"])
+def test_demo_argument_errors_have_the_prefix_and_status_2(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--rank-ratio", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tunecomp demo: error: argument --rank-ratio: ")
+
+
+def test_a_command_stopping_with_a_message_gets_the_prefix(monkeypatch, capsys):
+    import tunecomp_kernels.cli as cli
+
+    def stop(args):
+        raise SystemExit("something is wrong")
+
+    help_text, add_args, _run = cli._COMMANDS["info"]
+    monkeypatch.setitem(cli._COMMANDS, "info", (help_text, add_args, stop))
+    assert main(["info"]) == 2
+    assert capsys.readouterr().err.strip() == "tunecomp info: error: something is wrong"
+
+
+def test_compress_help_takes_its_defaults_from_the_settings(capsys):
+    from tunecomp_kernels.compress import TuneCompConfig
+    from tunecomp_kernels.tasks.settings import full, quick
+
+    with pytest.raises(SystemExit):
+        main(["compress", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    cfg = TuneCompConfig()
+    assert f"student initialisation (default {cfg.init})" in text
+    assert f"(default {cfg.init_rank_ratio:g})" in text
+    assert f"optimiser steps (default {full().steps}; {quick().steps} with --quick)" in text
+    assert "under a minute" not in text and "(measured)" in text
