@@ -215,3 +215,43 @@ def test_from_dense_conv1d_weight_is_passed_transposed():
 def test_from_dense_errors(call, exc, message):
     with pytest.raises(exc, match=message):
         call()
+
+
+def test_every_builder_goes_through_from_dense(monkeypatch, capsys):
+    """from_linear, prepare, compress_to_budget and `tunecomp demo` share one constructor
+    (and the demo selects its layers with find_targets, like prepare)."""
+    import tunecomp_kernels.compress.targets as targets_mod
+    from tunecomp_kernels.cli import main
+    from tunecomp_kernels.compress import TuneCompConfig, compress_to_budget, prepare
+
+    from_dense = MaskedLowRankLinear.from_dense.__func__
+    calls: list[tuple[int, int]] = []
+
+    def spy(cls, weight, bias=None, **kwargs):
+        calls.append(tuple(weight.shape))
+        return from_dense(cls, weight, bias, **kwargs)
+
+    monkeypatch.setattr(MaskedLowRankLinear, "from_dense", classmethod(spy))
+    MaskedLowRankLinear.from_linear(nn.Linear(6, 5), rank=2)
+    assert calls == [(5, 6)]
+
+    def block_net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.ModuleList([nn.Linear(8, 16), nn.Linear(16, 8)]))
+
+    calls.clear()
+    prepare(block_net(), TuneCompConfig(target_ratio=0.5), forward=lambda m, b: b)
+    assert sorted(calls) == [(8, 16), (16, 8)]
+    calls.clear()
+    model = compress_to_budget(block_net(), TuneCompConfig(target_ratio=0.5))
+    assert len(calls) == sum(isinstance(m, MaskedLowRankLinear) for m in model.modules()) > 0
+
+    selections = []
+    find_targets = targets_mod.find_targets
+    monkeypatch.setattr(targets_mod, "find_targets",
+                        lambda model, *a, **k: selections.append(1) or find_targets(model, *a,
+                                                                                       **k))
+    calls.clear()
+    assert main(["demo", "--hidden", "32", "--layers", "1"]) == 0
+    assert selections == [1] and len(calls) == 6
+    assert "converted 6 linear layers" in capsys.readouterr().out
