@@ -285,6 +285,10 @@ def test_a_module_under_two_parents_is_skipped_or_refused():
     with pytest.raises(ValueError, match=r"'blocks\.0\.q' is one module reachable as "
                                          r"'blocks\.0\.q', 'blocks\.1\.q'"):
         prepare(SharedLinear(), TuneCompConfig(include=[r"\.q$"]))
+    with pytest.raises(ValueError, match="reachable as"):  # included by its second name
+        prepare(SharedLinear(), TuneCompConfig(include=[r"^blocks\.1\.q$"]))
+    controller = prepare(SharedLinear(), TuneCompConfig(exclude=[r"^blocks\.1\.q$"]))
+    assert sorted(controller.layers) == ["blocks.0.p", "blocks.1.p"]  # excluded by any name
 
 
 def test_a_repeated_block_is_converted_once_under_all_its_names():

@@ -168,6 +168,12 @@ def find_targets(
     Raises:
         ValueError: an ``include`` pattern selects such a layer.
     """
+    aliases = module_names(model)
+
+    def matches(patterns: Sequence[re.Pattern[str]], mod: nn.Module) -> bool:
+        # a module under several names matches through any of them
+        return any(p.search(a) for a in aliases[id(mod)] for p in patterns)
+
     candidates = [(n, m) for n, m in model.named_modules() if n and is_supported(m)]
     if include is None:
         inside = _in_block_list(model)
@@ -175,11 +181,8 @@ def find_targets(
             candidates = [(n, m) for n, m in candidates if n in inside]
         candidates = [(n, m) for n, m in candidates if not _is_head(n)]
     else:
-        candidates = [(n, m) for n, m in candidates if any(p.search(n) for p in include)]
-    selected = {
-        n: m for n, m in candidates
-        if not any(p.search(n) for p in exclude) and _compressible(m)
-    }
+        candidates = [(n, m) for n, m in candidates if matches(include, m)]
+    selected = {n: m for n, m in candidates if not matches(exclude, m) and _compressible(m)}
     problems = structure_problems(model, selected)
     if not problems:
         return selected
@@ -232,6 +235,15 @@ _PROBLEM_TEXT = {
 }
 
 
+def module_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every submodule, by ``id(module)`` (a module registered in several
+    places has several)."""
+    names: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), []).append(name)
+    return names
+
+
 def _storage_key(t: torch.Tensor) -> tuple | None:
     if t.numel() == 0 or t.device.type == "meta":
         return None
@@ -246,9 +258,7 @@ def structure_problems(
     fine are absent."""
     if not selected:
         return {}
-    all_names: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        all_names.setdefault(id(mod), []).append(name)
+    all_names = module_names(model)
     owners: dict[tuple, list[str]] = {}
     tensors = [*model.named_parameters(remove_duplicate=False),
                *model.named_buffers(remove_duplicate=False)]
