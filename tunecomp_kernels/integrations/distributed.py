@@ -73,7 +73,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _digest(t: torch.Tensor) -> str:
     data = _full(t.detach()).contiguous().cpu()
     h = hashlib.sha256(str((tuple(data.shape), str(data.dtype))).encode())
-    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    # reshape first: a 0-d tensor (e.g. a blend-scale buffer) cannot be viewed as bytes
+    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return h.hexdigest()
 
 
