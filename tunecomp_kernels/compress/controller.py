@@ -37,6 +37,7 @@ prunes the same ranks, without communication.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Callable, Iterator
@@ -315,9 +316,11 @@ class TuneCompController(LossTerms):
     @contextlib.contextmanager
     def teacher_mode(self) -> Iterator[None]:
         """Within the block the converted layers compute their frozen teacher only
-        (α = 1, α' = 0) and the model is in eval mode; everything else in the model (e.g.
-        embeddings, heads, norms) is shared with the student, i.e. the fine-tuned ones.
-        Use it under ``torch.no_grad()`` to get teacher outputs for distillation."""
+        (``x W₀ᵀ + b₀``, as with α = 1, α' = 0) and the model is in eval mode; everything
+        else in the model (e.g. embeddings, heads, norms) is shared with the student, i.e.
+        the fine-tuned ones. Use it under ``torch.no_grad()`` to get teacher outputs for
+        distillation. The layers' blend scales are left alone, so a student graph built
+        before the block (``regularization(outputs, inputs)``) still backpropagates."""
         if self.teacher_freed:
             end = "the end of the blend" if self.schedule is None else (
                 f"step {self.schedule.blend_steps} (the end of the blend)")
@@ -327,12 +330,13 @@ class TuneCompController(LossTerms):
             )
         try:
             for m in self._mods:
-                m.teacher_scale, m.student_scale = 1.0, 0.0
+                # an instance attribute shadows the class's forward for this block only
+                m.forward = functools.partial(_teacher_only, m)
             with eval_mode(self.model):
                 yield
         finally:
             for m in self._mods:
-                m.teacher_scale, m.student_scale = self.alpha, self.student_alpha
+                vars(m).pop("forward", None)
 
     def teacher_forward(self, inputs: Any) -> Any:
         """The teacher's outputs on ``inputs`` (no gradient), via :meth:`teacher_mode`."""
@@ -422,3 +426,8 @@ class TuneCompController(LossTerms):
 
     def _ranks_at_start(self) -> list[int]:
         return [a.shape[0] for a in self._alive]
+
+
+def _teacher_only(layer: MaskedLowRankLinear, x: torch.Tensor) -> torch.Tensor:
+    """The frozen teacher of ``layer`` alone: ``x W₀ᵀ + b₀``."""
+    return torch.nn.functional.linear(x, layer.teacher_weight, layer.teacher_bias)

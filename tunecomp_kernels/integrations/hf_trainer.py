@@ -202,8 +202,6 @@ class TuneCompTrainer(Trainer):
         if not (model.training and self.tunecomp.distill_active):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        # the teacher runs first: teacher_mode changes the layers' blend scales, which the
-        # student's graph must not see change before its backward
         teacher = self.tunecomp.teacher_forward(dict(inputs))
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
