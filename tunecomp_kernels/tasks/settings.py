@@ -20,6 +20,7 @@ from typing import Any
 
 from ..compress.config import BLENDS, DISTILL_MODES, TuneCompConfig
 from ..nn.init import INIT_METHODS
+from ..ops.backends import known_backends
 from .data import unsupported_type
 
 #: TuneCompConfig's defaults: the validated recipe (one source of truth).
@@ -99,7 +100,8 @@ class JobSettings:
     l1: float = _opt(_RECIPE["l1_lambda"], "L1 weight λ0 on the masks", COMP)
     distill: str = _opt(_RECIPE["distill"], "distillation against the frozen teacher "
                         "during the blend", COMP, choices=DISTILL_MODES)
-    backend: str = _opt(_RECIPE["backend"], "op backend: auto, torch, triton or cuda", COMP)
+    backend: str = _opt(_RECIPE["backend"], "op backend of the low-rank layers", COMP,
+                        choices=("auto", *known_backends()))
     calibration_batches: int = _opt(8, "training batches of calibration data for the asvd "
                                     "and svd_llm initialisations", COMP)
 
