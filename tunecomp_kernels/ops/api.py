@@ -7,6 +7,7 @@ import torch
 from .backends import resolve_backend
 from .contract import scale_dtype
 from .cuda_tables import shape_key as _shape_key
+from .transforms import FunctorchFunction, functorch_active
 from .validation import check_inputs
 
 
@@ -56,7 +57,12 @@ def masked_lowrank_linear(
     s = _scale_tensor(student_scale, x)
     name = resolve_backend(backend, x.device.type, _auto_shape_key(backend, x, U))
     op = getattr(torch.ops.tunecomp, f"masked_lowrank_{name}")
-    y, _t = op(x, U, mask, V, bias, teacher_weight, teacher_bias, a, s)
+    args = (x, U, mask, V, bias, teacher_weight, teacher_bias, a, s)
+    if functorch_active():  # torch.func.grad & co. cannot run a custom op's own autograd
+        bwd = getattr(torch.ops.tunecomp, f"masked_lowrank_{name}_backward")
+        y, _t = FunctorchFunction.apply(op, bwd, *args)
+    else:
+        y, _t = op(*args)
     return y
 
 

@@ -12,6 +12,13 @@ vmap (``torch.vmap``, per-sample gradients with ``torch.func``): when only x is 
 the forward folds the batch into x's leading dims (one op call). Any other batching,
 and the backward op (whose weight gradients must stay per sample, not summed over the
 batch), runs the op once per batch element and stacks the results.
+
+torch.func (grad, vjp, jacrev, vmap of those): the autograd that ``register_autograd``
+generates for a custom op cannot run under functorch transforms, so while one is active
+the public function calls the op pair through :class:`FunctorchFunction`, an
+``autograd.Function`` with ``setup_context`` whose vmap rule PyTorch generates from the
+ops' own vmap rules, with a forward-mode rule (jvp, jacfwd) built from op calls. Second
+derivatives (grad of grad, hessian) are not supported and raise NotImplementedError.
 """
 
 from __future__ import annotations
@@ -54,8 +61,9 @@ def _register_autocast(fwd_name: str) -> None:
         _LIB.impl(short, kernel, key, with_keyset=True)
 
 
-def _select(arg: object, dim: int | None, index: int) -> object:
-    return arg if dim is None else arg.select(dim, index)
+def _select(arg: object, dim: object, index: int) -> object:
+    # in_dims holds None (or, for a list argument such as needs_grad, a list) where unbatched
+    return arg.select(dim, index) if isinstance(dim, int) else arg
 
 
 def _per_sample(op, batch_size: int, in_dims: Sequence[int | None], args: tuple) -> list:
@@ -67,7 +75,7 @@ def _register_vmap(fwd_name: str, bwd_name: str) -> None:
     bwd = getattr(torch.ops.tunecomp, bwd_name.split("::")[1]).default
 
     def forward_rule(info, in_dims, *args):
-        if in_dims[0] is not None and all(d is None for d in in_dims[1:]):
+        if isinstance(in_dims[0], int) and not any(isinstance(d, int) for d in in_dims[1:]):
             x = args[0].movedim(in_dims[0], 0)
             y, t = fwd(x, *args[1:])
             return (y, t.reshape(info.batch_size, -1, t.shape[-1])), (0, 0)
@@ -80,6 +88,94 @@ def _register_vmap(fwd_name: str, bwd_name: str) -> None:
 
     torch.library.register_vmap(fwd_name, forward_rule)
     torch.library.register_vmap(bwd_name, backward_rule)
+
+
+class FunctorchFunction(torch.autograd.Function):
+    """The op pair as an ``autograd.Function`` usable under torch.func transforms.
+
+    ``apply(fwd_op, bwd_op, x, U, mask, V, bias, teacher_weight, teacher_bias,
+    teacher_scale, student_scale) -> (y, t)``, with the ops' own schema and gradients."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(fwd_op, bwd_op, *args):  # noqa: ANN001, ANN205
+        return fwd_op(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
+        _fwd, bwd_op, x, U, mask, V, bias, teacher_weight, _tb, a, s = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, U, mask, V, output[1], teacher_weight, a, s)
+        ctx.bwd_op = bwd_op
+        ctx.fwd_op = _fwd
+        ctx.has_bias = bias is not None
+        ctx.saved_for_jvp = (x, U, mask, V, teacher_weight, a, s)
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_t):  # noqa: ANN001, ANN205
+        x, U, mask, V, t, teacher_weight, a, s = ctx.saved_tensors
+        needs = [bool(n) for n in ctx.needs_input_grad[2:7]]
+        needs[4] = needs[4] and ctx.has_bias
+        if not any(needs):
+            return (None,) * 11
+        bits = sum(1 << i for i, n in enumerate(needs) if n)  # an int: not a pytree of bools
+        grads = _BackwardFunction.apply(ctx.bwd_op, bits, grad_y.contiguous(), x, U, mask, V,
+                                        t, teacher_weight, a, s)
+        return (None, None, *(g if n else None for g, n in zip(grads, needs)),
+                None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, _fwd_t, _bwd_t, x_t, U_t, mask_t, V_t, bias_t, *_frozen_t):  # noqa: ANN001, ANN205
+        """Forward-mode AD: the op is linear in each of x, U, mask, V and bias, so the output
+        tangent is a sum of op calls with one tangent each. The teacher and the scales are
+        frozen, as in the backward: their tangents are ignored."""
+        fwd, x, U, mask, V, w0, a, s = ctx.fwd_op, *ctx.saved_for_jvp
+        no_teacher = torch.zeros_like(a)
+        terms = []
+        if x_t is not None:  # the teacher term is linear in x too
+            terms.append(fwd(x_t, U, mask, V, None, w0, None, a, s)[0])
+        for tangent_args in ((x, U_t, mask, V), (x, U, mask_t, V), (x, U, mask, V_t)):
+            if all(t is not None for t in tangent_args):
+                terms.append(fwd(*tangent_args, None, None, None, no_teacher, s)[0])
+        y_t = sum(terms) if terms else None
+        if bias_t is not None:
+            y_t = (bias_t * s).to(x.dtype) if y_t is None else y_t + (bias_t * s).to(x.dtype)
+        return y_t, None
+
+
+class _BackwardFunction(torch.autograd.Function):
+    """The backward op under torch.func (its own generated autograd cannot run there);
+    differentiating it again raises, as it does outside torch.func."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(bwd_op, needs_bits, *args):  # noqa: ANN001, ANN205
+        return bwd_op(*args, [bool(needs_bits >> i & 1) for i in range(5)])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):  # noqa: ANN001, ANN205
+        raise NotImplementedError(_NO_SECOND_DERIVATIVE)
+
+    @staticmethod
+    def jvp(ctx, *tangents):  # noqa: ANN001, ANN205
+        raise NotImplementedError(_NO_SECOND_DERIVATIVE)
+
+
+_NO_SECOND_DERIVATIVE = (
+    "masked_lowrank_linear has no second derivative: gradients of its gradients (double "
+    "backward, grad of grad, hessian) are not supported")
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is active around this call."""
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 def register_transforms(fwd_name: str, bwd_name: str) -> None:
