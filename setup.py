@@ -4,7 +4,13 @@ Project metadata lives in pyproject.toml; this file only drives CMake (see
 CMakeLists.txt) from a setuptools ``build_ext`` so that ``pip install .`` and
 ``pip install -e .`` both produce the module.
 
+Without a C++ toolchain (CMake, a C++ compiler, pybind11) the native module is skipped
+with one line in the build log and the package installs as pure Python: everything but
+the CUDA backend works (``tunecomp info`` says which case holds).
+
 Environment variables:
+  TUNECOMP_NO_NATIVE=1         skip the native module even if a toolchain is present
+  TUNECOMP_REQUIRE_NATIVE=1    fail instead of skipping it when no toolchain is found
   TUNECOMP_NO_CUDA=1           build the CPU path only, even if nvcc is present
   TUNECOMP_REQUIRE_CUDA=1      fail instead of silently building CPU-only
   TUNECOMP_CUDA_ARCHS="80;90a" CUDA architectures (CMAKE_CUDA_ARCHITECTURES syntax)
@@ -90,7 +96,45 @@ def _nvcc_outside_path() -> str | None:
     return None
 
 
+def _cxx_compiler() -> str | None:
+    """The C++ compiler CMake would use: $CXX if set, else c++ / g++ / clang++ on PATH."""
+    if os.environ.get("CXX"):
+        words = shlex.split(os.environ["CXX"])
+        return shutil.which(words[0]) if words else None
+    return next(filter(None, map(shutil.which, ("c++", "g++", "clang++"))), None)
+
+
+def native_skip_reason() -> str | None:
+    """Why the native module cannot (or must not) be built here; None when it can."""
+    if _env_flag("TUNECOMP_NO_NATIVE"):
+        return "TUNECOMP_NO_NATIVE is set"
+    try:
+        _cmake_command()
+    except RuntimeError:
+        return "CMake >= 3.24 was not found"
+    if _cxx_compiler() is None:
+        return ("no C++ compiler was found ($CXX, c++, g++ or clang++ on PATH)"
+                if not os.environ.get("CXX") else f"CXX={os.environ['CXX']!r} was not found")
+    if _pybind11_cmake_dir() is None:
+        return "pybind11 is not installed"
+    return None
+
+
+SKIP_LINE = ("tunecomp_kernels: skipping the native module (_C): {reason}; installing without "
+             "it (everything but the CUDA backend works; `tunecomp info` shows this)")
+
+
 class CMakeBuild(build_ext):
+    def run(self) -> None:
+        reason = native_skip_reason() if any(
+            isinstance(e, CMakeExtension) for e in self.extensions) else None
+        if reason is not None:
+            if _env_flag("TUNECOMP_REQUIRE_NATIVE"):
+                raise RuntimeError(f"TUNECOMP_REQUIRE_NATIVE is set but {reason}")
+            print(SKIP_LINE.format(reason=reason), file=sys.stderr, flush=True)
+            self.extensions = [e for e in self.extensions if not isinstance(e, CMakeExtension)]
+        super().run()
+
     def build_extension(self, ext: Extension) -> None:
         if not isinstance(ext, CMakeExtension):
             super().build_extension(ext)

@@ -33,6 +33,19 @@ def _info_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+def _native_module_status(build: dict) -> str:
+    """Whether the native module was built at install time, in one line."""
+    import importlib.util
+
+    if build.get("native"):
+        return ("built (CUDA kernels compiled in)" if build.get("cuda")
+                else "built without CUDA kernels")
+    if importlib.util.find_spec("tunecomp_kernels._C") is None:
+        return ("not built: installed without a C++ toolchain (or TUNECOMP_NO_NATIVE=1); "
+                "everything but the CUDA backend works")
+    return f"built but it does not load: {build.get('error')}"
+
+
 @command("info", "show the native build, the backends and why any is unavailable")(_info_args)
 def _info(args: argparse.Namespace) -> int:
     from . import __version__, available_backends, build_info
@@ -46,10 +59,12 @@ def _info(args: argparse.Namespace) -> int:
                         if unavailable_reason(n) is not None},
         "build": build_info(),
     }
+    info["native_module"] = _native_module_status(info["build"])
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(f"tunecomp_kernels {info['version']} (torch {info['torch']})")
+        print(f"native module: {info['native_module']}")
         print(f"backends available: {', '.join(info['available_backends'])}")
         for name, reason in info["unavailable"].items():
             print(f"  {name}: unavailable - {reason}")
