@@ -6,17 +6,19 @@ Typical use::
         TuneCompConfig, prepare, train, finalize, compression_report, save_compressed,
         load_compressed)
 
-    config = TuneCompConfig(target_ratio=0.5, blend_steps=500, total_steps=1000)
+    config = TuneCompConfig(target_ratio=0.5)                 # the validated recipe
     controller = prepare(model, config)                       # converts layers in place
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)  # after prepare
-    train(model, optimizer, batches, controller=controller)  # or your own loop:
+    train(model, optimizer, batches, controller=controller, steps=1000)  # or your loop:
+    #   controller.fit_schedule(1000)   # the blend and budget are fractions of the run
     #   loss = task_loss + controller.regularization(outputs, batch)
     #   loss.backward(); optimizer.step(); controller.step()
     finalize(model)
     print(compression_report(model))
     save_compressed(model, "out/model")
 
-``TuneCompCallback`` / ``TuneCompTrainer`` (Hugging Face ``Trainer``) are imported on
+``TuneCompCallback`` / ``TuneCompTrainer`` (Hugging Face ``Trainer``) live in
+:mod:`tunecomp_kernels.integrations.hf_trainer`; importing them from here still works, on
 first access, so ``transformers`` stays optional.
 """
 
@@ -34,7 +36,7 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .config import TuneCompConfig
+from .config import RECIPE, Schedule, TuneCompConfig
 from .controller import TuneCompController
 from .export import load_compressed, read_metadata, save_compressed
 from .finalize import finalize
@@ -52,13 +54,16 @@ from .pipelines import (
 )
 from .prepare import prepare
 from .report import CompressionReport, LayerReport, compression_report
-from .schedules import blend_scales, budget_fraction, l1_weight
+from .schedules import ScheduleError, blend_scales, budget_fraction, l1_weight
 from .targets import TargetInfo, find_targets
 from .training import RunResult, TrainResult, train
 
 _LAZY = {"TuneCompCallback", "TuneCompTrainer"}
 
 __all__ = [
+    "RECIPE",
+    "Schedule",
+    "ScheduleError",
     "ActivationStats",
     "CheckpointError",
     "CompressionReport",
@@ -105,7 +110,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from . import hf_callback
+        # The HF Trainer callbacks live in integrations/; this keeps their old import path.
+        from ..integrations import hf_trainer
 
-        return getattr(hf_callback, name)
+        return getattr(hf_trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
