@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TuneCompCallback", "TuneCompTrainer"]
+_MOVED = ("TuneCompCallback", "TuneCompTrainer")
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in _MOVED:
         from ..integrations import hf_trainer
 
         return getattr(hf_trainer, name)
