@@ -240,6 +240,7 @@ CONFIG_CHANGES = [
     ("llama", {"rms_norm_eps": 1e-5}, "rms_norm_eps: saved 1e-06, given 1e-05"),
     ("llama", {"rope_parameters": {"rope_theta": 500000.0}},
      "rope_parameters.rope_theta: saved 10000.0, given 500000.0"),
+    # k/v shapes change too: the shape error comes first, with the config field after it
     ("llama", {"num_key_value_heads": 4}, "num_key_value_heads: saved 2, given 4"),
     ("vit", {"qkv_bias": False}, "qkv_bias: saved True, given False"),
 ]
@@ -254,7 +255,7 @@ def test_load_refuses_a_base_model_with_another_config(arch, changes, message, t
     other = _rebuilt(make_model, **changes)
     state = {k: v.clone() for k, v in other.state_dict().items()}
     config_before = other.config.to_dict()
-    with pytest.raises(ValueError, match=r"^base model mismatch: " + re.escape(message)):
+    with pytest.raises(ValueError, match=r"^base model mismatch: (.*; )?" + re.escape(message)):
         load_compressed(path, model=other)
     assert not any(isinstance(m, MaskedLowRankLinear) for m in other.modules())
     assert state.keys() == other.state_dict().keys()
@@ -284,3 +285,56 @@ def test_config_differences_lists_every_field_with_dotted_names():
     given = {"a": 2, "dtype": "bfloat16", "rope": {"theta": 1.0, "type": "y"}}
     assert config_differences(saved, given) == [
         ("a", 1, 2), ("only_saved", 2, "<absent>"), ("rope.type", "x", "y")]
+
+
+def _encoder(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    settings = {"d_model": 16, "nhead": 2, "dim_feedforward": 32, "dropout": 0.0,
+                "batch_first": True, **kwargs}
+    return torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(**settings), 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"activation": "gelu"}, r"layers\.0\.activation: saved torch\.nn\.functional\.relu, "
+                             r"given torch\..*gelu"),
+    ({"layer_norm_eps": 1e-6}, r"layers\.0\.norm1\.eps: saved 1e-05, given 1e-06"),
+    ({"nhead": 4}, r"layers\.0\.self_attn\.head_dim: saved 8, given 4"),
+    ({"norm_first": True}, r"layers\.0\.norm_first: saved False, given True"),
+    ({"dropout": 0.1}, r"layers\.0\.dropout\.p: saved 0\.0, given 0\.1"),
+], ids=["activation", "eps", "heads", "norm_first", "dropout"])
+def test_load_refuses_a_plain_model_with_other_hyperparameters(kwargs, message, tmp_path):
+    """A model without a config: the saved modules' hyperparameters are compared, so a
+    model with every tensor shape equal but another function is refused."""
+    with pytest.warns(UserWarning, match="out_proj"):
+        model = compress_to_budget(_encoder(), TuneCompConfig(target_ratio=0.5))
+    path = save_compressed(model.eval(), tmp_path / "enc")
+    files_before = {p: p.read_bytes() for p in path.iterdir()}
+    other = _encoder(**kwargs)
+    state = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="^base model mismatch: .*" + message):
+        load_compressed(path, model=other)
+    assert not any(isinstance(m, MaskedLowRankLinear) for m in other.modules())
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
+    assert {p: p.read_bytes() for p in path.iterdir()} == files_before
+    x = torch.randn(2, 5, 16)
+    loaded = load_compressed(path, model=_encoder()).eval()  # the same architecture loads
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def _mlp(*acts: type[torch.nn.Module]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 16), acts[0](), torch.nn.Linear(16, 8), *(a() for a in acts[1:])]
+    return torch.nn.Sequential(*layers)
+
+
+def test_load_refuses_a_plain_model_with_other_parameterless_modules(tmp_path):
+    model = compress_to_budget(_mlp(torch.nn.ReLU), TuneCompConfig(target_ratio=0.5))
+    path = save_compressed(model, tmp_path / "mlp")
+    with pytest.raises(ValueError, match=r"^base model mismatch: 1\.class: saved ReLU, given GELU"):
+        load_compressed(path, model=_mlp(torch.nn.GELU))
+    with pytest.raises(ValueError, match=r"^base model mismatch: 3: saved <absent>, given"):
+        load_compressed(path, model=_mlp(torch.nn.ReLU, torch.nn.Tanh))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(load_compressed(path, model=_mlp(torch.nn.ReLU))(x), model(x),
+                               rtol=0, atol=0)

@@ -7,12 +7,17 @@ therefore compares the saved config with the given model's config, field by fiel
 (nested configs and dicts included), ignoring the fields that do not change what the
 model computes from its weights: names and paths, versions, dtype, label names, output
 and cache flags, and initialisation settings (the weights are loaded, not initialised).
+
+A model without such a config (any ``nn.Module``) is compared by its modules'
+hyperparameters instead (:func:`module_signature`: class, activation functions, eps,
+head counts, dropout, ... of every module that is not a converted layer), which
+``save_compressed`` records.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from torch import nn
@@ -67,24 +72,98 @@ def config_differences(
     return diffs
 
 
+def base_config_differences(saved_hf: Mapping[str, Any] | None, model: nn.Module) -> list[str]:
+    """``"<field>: saved <a>, given <b>"`` for every field where ``model``'s config differs
+    from the saved one (``hf_model`` of ``tunecomp.json``) and changes the computation.
+    Empty when either side has no HF config (names and shapes are still compared)."""
+    saved = None if saved_hf is None else saved_hf.get("config")
+    given = model_config_dict(model)
+    if not isinstance(saved, Mapping) or given is None:
+        return []
+    return [f"{field}: saved {_show(a)}, given {_show(b)}"
+            for field, a, b in config_differences(saved, given)]
+
+
 def check_base_config(saved_hf: Mapping[str, Any] | None, model: nn.Module) -> None:
-    """Raise if ``model``'s config differs from the saved one (``hf_model`` of
-    ``tunecomp.json``) in a field that changes the computation. Models without an HF
-    config on either side are not compared here (their names and shapes still are).
+    """Raise if ``model``'s config differs from the saved one in a field that changes the
+    computation (see :func:`base_config_differences`).
 
     Raises:
         ValueError: ``base model mismatch: <field>: saved <a>, given <b>`` (every differing
             field, joined by ``"; "``).
     """
-    saved = None if saved_hf is None else saved_hf.get("config")
-    given = model_config_dict(model)
-    if not isinstance(saved, Mapping) or given is None:
-        return
-    diffs = config_differences(saved, given)
+    diffs = base_config_differences(saved_hf, model)
     if diffs:
-        raise ValueError("base model mismatch: " + "; ".join(
-            f"{field}: saved {_show(a)}, given {_show(b)}" for field, a, b in diffs))
+        raise ValueError("base model mismatch: " + "; ".join(diffs))
 
 
 def _show(value: Any) -> str:
     return str(value)
+
+
+# --- models without a config: their modules' hyperparameters -------------------------------
+
+#: Module attributes that pick a code path or a memory strategy, not the function.
+IGNORED_MODULE_ATTRS = frozenset({
+    "training", "inplace", "use_nested_tensor", "gradient_checkpointing",
+})
+
+_SIMPLE = (bool, int, float, str, type(None))
+
+
+def _attr_value(value: Any) -> Any:
+    """A JSON-ready form of a hyperparameter, or ``None`` when it is not one."""
+    if isinstance(value, _SIMPLE):
+        return value
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _SIMPLE) for v in value):
+        return list(value)
+    if callable(value) and not isinstance(value, nn.Module) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"  # e.g. F.relu
+    return None
+
+
+def module_signature(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+    """Per submodule name (``"<model>"`` for the root), its class name and hyperparameters:
+    public attributes that are numbers, strings, booleans, None, tuples of these, or
+    functions (by qualified name, e.g. an activation). Modules named in ``skip`` (the
+    converted layers, which differ by design) and everything under them are left out."""
+    skipped = tuple(f"{name}." for name in skip)
+    skip = set(skip)
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if name in skip or name.startswith(skipped):
+            continue
+        attrs: dict[str, Any] = {"class": type(mod).__name__}
+        for key, value in sorted(vars(mod).items()):
+            if key.startswith("_") or key in IGNORED_MODULE_ATTRS:
+                continue
+            shown = _attr_value(value)
+            if shown is not None or value is None:
+                attrs[key] = shown
+        out[name or "<model>"] = attrs
+    return out
+
+
+def check_module_signature(
+    saved: Mapping[str, Any] | None, model: nn.Module, skip: Iterable[str]
+) -> None:
+    """Raise if ``model``'s modules differ from the saved :func:`module_signature` (class,
+    activation, eps, head count, dropout, ... or a module added or missing). Nothing is
+    compared when the saved model recorded no signature.
+
+    Raises:
+        ValueError: ``base model mismatch: <module>.<attribute>: saved <a>, given <b>``.
+    """
+    if not isinstance(saved, Mapping):
+        return
+    given = module_signature(model, skip)
+    diffs = []
+    for name in sorted(set(saved) | set(given)):
+        a, b = saved.get(name, _ABSENT), given.get(name, _ABSENT)
+        if isinstance(a, Mapping) and isinstance(b, Mapping) and a.get("class") != b.get("class"):
+            diffs.append((f"{name}.class", a.get("class"), b.get("class")))  # nothing else
+        else:
+            diffs.extend(config_differences({name: a}, {name: b}))
+    if diffs:
+        raise ValueError("base model mismatch: " + "; ".join(
+            f"{field}: saved {_show(a)}, given {_show(b)}" for field, a, b in diffs))

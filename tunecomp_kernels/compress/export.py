@@ -19,7 +19,6 @@ library did not write are never touched (:mod:`.output_dir`).
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -31,14 +30,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
-from .base_model import check_base_config
+from .base_model import module_signature
 from .budget import lowrank_is_smaller
 from .checkpoint import atomic_write, fsync_path
 from .config import TuneCompConfig
 from .hf_format import with_hf_files
+from .load import load_compressed  # noqa: F401  (re-exported: callers import it here)
 from .output_dir import META_FILE, check_destination, install_files, staging_dir
 from .prepare import CONFIG_ATTR
-from .targets import INFO_ATTR, TargetInfo, is_supported, layer_dims, set_submodule
+from .targets import INFO_ATTR, TargetInfo
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "tunecomp_kernels.compressed"
@@ -202,6 +202,8 @@ def save_compressed(
         "tunecomp_config": config.to_dict() if isinstance(config, TuneCompConfig) else None,
         "hf_model": _hf_info(model),
     }
+    # a model without an HF config is checked on load by its modules' hyperparameters
+    meta["modules"] = None if meta["hf_model"] else module_signature(model, skip=layers)
     check_destination(path, overwrite=overwrite, allow_foreign=(path / META_FILE).is_file())
     tmp = staging_dir(path)
     try:
@@ -311,140 +313,3 @@ def _check_meta_fields(where: Path, meta: dict[str, Any]) -> None:
     config = meta.get("tunecomp_config")
     if config is not None and not isinstance(config, dict):
         raise ValueError(f"{where}: 'tunecomp_config' must be an object")
-
-
-def _build_hf(hf: dict[str, Any]) -> nn.Module:
-    module_name, class_name = hf.get("module", ""), hf.get("class", "")
-    if not module_name.startswith("transformers."):
-        raise ValueError(f"refusing to import model class from {module_name!r}")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(
-            f"cannot find {module_name}.{class_name} in the installed transformers"
-        ) from exc
-    config = cls.config_class.from_dict(hf["config"])
-    return cls(config)
-
-
-def _replace_layers(
-    model: nn.Module, layers: dict[str, dict[str, Any]]
-) -> list[tuple[str, nn.Module]]:
-    """Swap in low-rank layers of the saved ranks; returns the originals for rollback."""
-    plan = []
-    for name, entry in layers.items():
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"base model mismatch: it has no module {name!r}") from None
-        if not is_supported(mod):
-            raise ValueError(
-                f"base model mismatch: {name!r} is a {type(mod).__name__}, expected an "
-                "uncompressed nn.Linear or Conv1D"
-            )
-        dims = layer_dims(mod)
-        saved = (entry["in_features"], entry["out_features"])
-        if dims != saved:
-            raise ValueError(
-                f"base model mismatch: {name!r} has (in, out)={dims}, the saved model {saved}"
-            )
-        plan.append((name, mod, entry))
-    originals = []
-    for name, mod, entry in plan:
-        info = TargetInfo(name, entry["in_features"], entry["out_features"], bool(entry["bias"]),
-                          entry["origin"])
-        originals.append((name, mod))
-        if entry["kind"] == "lowrank":
-            weight = mod.weight
-            layer = MaskedLowRankLinear(info.in_features, info.out_features, int(entry["rank"]),
-                                        bias=info.bias, device=weight.device, dtype=weight.dtype)
-            layer.mask.requires_grad_(False)
-            setattr(layer, INFO_ATTR, info)
-            set_submodule(model, name, layer)
-        else:
-            setattr(mod, INFO_ATTR, info)
-    return originals
-
-
-def _rollback(model: nn.Module, originals: list[tuple[str, nn.Module]]) -> None:
-    for name, mod in originals:
-        set_submodule(model, name, mod)
-        if hasattr(mod, INFO_ATTR):
-            delattr(mod, INFO_ATTR)
-
-
-def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
-    expected = model.state_dict()
-    full = dict(tensors)
-    for alias, source in tied.items():
-        if source in tensors:
-            full[alias] = tensors[source]
-    missing = sorted(set(expected) - set(full))
-    unexpected = sorted(set(full) - set(expected))
-    wrong = sorted(k for k in set(full) & set(expected) if full[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"shape mismatch at {k!r}: saved {list(full[k].shape)}, model "
-                         f"{list(expected[k].shape)}")
-        raise ValueError("base model mismatch: " + "; ".join(parts))
-    model.load_state_dict(full, strict=True)
-
-
-def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
-    """Load a model written by :func:`save_compressed`.
-
-    Args:
-        path: the saved directory.
-        model: for a non-HF model, an *uncompressed* instance of the same architecture
-            (it is converted in place and returned). For HF models leave it ``None``: the
-            model is rebuilt from the saved config (no download), cast to the saved dtype
-            and returned in eval mode.
-
-    Raises:
-        FileNotFoundError: missing directory or file.
-        ValueError: corrupt files, or a base model whose names/shapes or config do not
-            match (``base model mismatch: <field>: saved <a>, given <b>``, see
-            :mod:`.base_model`); the passed model is then left as it was. Loading never
-            writes to disk.
-    """
-    path = Path(path)
-    meta = read_metadata(path)
-    try:
-        tensors = load_file(str(path / WEIGHTS_FILE))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{path / WEIGHTS_FILE} is corrupt: {exc}") from exc
-
-    built_here = model is None
-    if built_here:
-        if meta.get("hf_model") is None:
-            raise ValueError(
-                f"{path} holds a non-Hugging-Face model: pass model=<an uncompressed instance "
-                "of the same architecture>"
-            )
-        model = _build_hf(meta["hf_model"])
-        if meta.get("dtype"):
-            model.to(getattr(torch, meta["dtype"]))
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    elif any(isinstance(getattr(m, INFO_ATTR, None), TargetInfo) for m in model.modules()):
-        raise ValueError("model already holds TuneComp layers: pass an uncompressed instance")
-    else:
-        check_base_config(meta.get("hf_model"), model)
-
-    originals = _replace_layers(model, meta["layers"])
-    try:
-        _load_tensors(model, tensors, meta.get("tied", {}))
-    except BaseException:
-        _rollback(model, originals)
-        raise
-    if meta.get("tunecomp_config") is not None:
-        setattr(model, CONFIG_ATTR, TuneCompConfig.from_dict(meta["tunecomp_config"]))
-    if built_here:
-        model.eval()
-    return model
