@@ -338,3 +338,12 @@ def test_load_refuses_a_plain_model_with_other_parameterless_modules(tmp_path):
     x = torch.randn(3, 8)
     torch.testing.assert_close(load_compressed(path, model=_mlp(torch.nn.ReLU))(x), model(x),
                                rtol=0, atol=0)
+
+
+def test_run_state_of_user_modules_is_not_compared(tmp_path):
+    model = compressed(block_net, vector_batches(3), forward=forward_x, loss_fn=ce_loss)
+    model.blocks[0].calls = 17  # an attribute of a user-defined class: not a hyperparameter
+    save_compressed(model, tmp_path / "net")
+    x = torch.randn(2, 8)
+    loaded = load_compressed(tmp_path / "net", model=block_net(seed=9))
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -109,6 +109,7 @@ IGNORED_MODULE_ATTRS = frozenset({
 })
 
 _SIMPLE = (bool, int, float, str, type(None))
+_LIBRARIES = ("torch.", "transformers.")
 
 
 def _attr_value(value: Any) -> Any:
@@ -123,10 +124,12 @@ def _attr_value(value: Any) -> Any:
 
 
 def module_signature(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
-    """Per submodule name (``"<model>"`` for the root), its class name and hyperparameters:
-    public attributes that are numbers, strings, booleans, None, tuples of these, or
-    functions (by qualified name, e.g. an activation). Modules named in ``skip`` (the
-    converted layers, which differ by design) and everything under them are left out."""
+    """Per submodule name (``"<model>"`` for the root), its class name and, for PyTorch and
+    Hugging Face modules, its hyperparameters: public attributes that are numbers, strings,
+    booleans, None, tuples of these, or functions (by qualified name, e.g. an activation).
+    Attributes of user-defined classes are not compared (they may hold run state, such as
+    counters); their submodules are. Modules named in ``skip`` (the converted layers, which
+    differ by design) and everything under them are left out."""
     skipped = tuple(f"{name}." for name in skip)
     skip = set(skip)
     out: dict[str, dict[str, Any]] = {}
@@ -134,7 +137,8 @@ def module_signature(model: nn.Module, skip: Iterable[str] = ()) -> dict[str, di
         if name in skip or name.startswith(skipped):
             continue
         attrs: dict[str, Any] = {"class": type(mod).__name__}
-        for key, value in sorted(vars(mod).items()):
+        library = type(mod).__module__.startswith(_LIBRARIES)
+        for key, value in sorted(vars(mod).items()) if library else ():
             if key.startswith("_") or key in IGNORED_MODULE_ATTRS:
                 continue
             shown = _attr_value(value)
