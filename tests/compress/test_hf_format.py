@@ -72,6 +72,14 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
 
 
+def image_processor():
+    import transformers
+
+    # The PIL processor: the default one needs torchvision, which is optional.
+    cls = getattr(transformers, "ViTImageProcessorPil", transformers.ViTImageProcessor)
+    return cls(size={"height": 16, "width": 16})
+
+
 def run_isolated(cases: list[dict], where: Path) -> dict:
     """Run the loader script on ``cases`` in a fresh interpreter without the package."""
     torch.save(cases, where / "cases.pt")
@@ -105,14 +113,19 @@ def _ship_all(root: Path, cases: list[dict], dirs: dict) -> tuple[dict, dict]:
     for family, dtype in variants:
         name = family if dtype == torch.float32 else f"{family}_bf16"
         model, inputs = compressed(family, dtype), inputs_for(family)
-        tokenizer = word_tokenizer() if family == "bert" else None
+        tokenizer = {"bert": word_tokenizer, "vit": image_processor}.get(family, lambda: None)()
         path = save_compressed(model, root / name, tokenizer=tokenizer)
         want = logits(load_compressed(path), inputs)
         assert torch.equal(want, logits(model, inputs))
         case = {"name": name, "dir": str(path), "auto": FAMILIES[family][1], "remote": True,
                 "inputs": inputs, "expected": want}
-        if tokenizer is not None:
+        if family == "bert":
             case.update(text=TEXT, expected_ids=tokenizer(TEXT)["input_ids"])
+        if family == "vit":
+            image = torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8,
+                                  generator=torch.Generator().manual_seed(5))
+            case.update(image=image, expected_pixels=tokenizer(
+                image.numpy(), return_tensors="pt")["pixel_values"])
         cases.append(case)
         dirs[name] = path
         if dtype == torch.float32:
@@ -166,11 +179,12 @@ def test_merged_model_loads_in_plain_transformers(shipped, family):
     assert "auto_map" not in config and not config["model_type"].startswith("tunecomp")
 
 
-def test_tokenizer_is_saved_and_loads(shipped):
+def test_tokenizer_and_image_processor_are_saved_and_load(shipped):
     dirs, results = shipped
     assert results["cases"]["bert"]["ids_equal"] is True
-    meta = read_metadata(dirs["bert"])
-    assert {"tokenizer.json", "tokenizer_config.json"} <= set(meta["files"])
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(read_metadata(dirs["bert"])["files"])
+    assert results["cases"]["vit"]["pixels_equal"] is True
+    assert "preprocessor_config.json" in read_metadata(dirs["vit"])["files"]
 
 
 @pytest.mark.parametrize("name", [*FAMILIES, "llama_bf16"])

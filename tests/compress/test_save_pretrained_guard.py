@@ -100,3 +100,38 @@ def test_prepare_and_finalize_guard_save_pretrained():
     model = tiny_bert()
     prepare(model, TuneCompConfig(target_ratio=0.5, blend_steps=2, total_steps=4))
     assert getattr(model, GUARD_ATTR, False)
+
+
+def test_guarded_model_pickles_and_copies(tmp_path):
+    import copy
+    import io
+
+    model = guard_save_pretrained(
+        compress_to_budget(tiny_bert(), TuneCompConfig(target_ratio=0.4)).eval())
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        twin.save_pretrained(tmp_path / "twin")  # the copy's own guard, writing the copy
+        assert read_metadata(tmp_path / "twin")["files"]
+        assert twin.save_pretrained.args[0] is twin
+
+
+def test_guard_on_a_full_rank_model_without_teacher_writes_a_refused_checkpoint(tmp_path):
+    # Teacher gone but ranks not yet pruned: save_compressed refuses it (not finalized),
+    # so the guard must neither raise (Trainer checkpoints) nor write a loadable dense model.
+    model = tiny_bert()
+    prepare(model, TuneCompConfig(target_ratio=0.5, blend_steps=2, total_steps=4))
+    for layer in model.modules():
+        if hasattr(layer, "drop_teacher"):
+            layer.drop_teacher()
+    guard_save_pretrained(model).save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["model_type"] == "tunecomp_unfinalized_checkpoint"
+
+
+def test_guarded_save_on_other_ranks_writes_nothing(tmp_path):
+    model = guard_save_pretrained(
+        compress_to_budget(tiny_bert(), TuneCompConfig(target_ratio=0.4)))
+    assert model.save_pretrained(tmp_path / "m", is_main_process=False) is None
+    assert not (tmp_path / "m").exists()

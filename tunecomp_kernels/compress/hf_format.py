@@ -21,13 +21,13 @@ from __future__ import annotations
 import functools
 import json
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .targets import INFO_ATTR, TargetInfo
 
 CONFIG_FILE = "config.json"
@@ -67,16 +67,12 @@ def hf_config_json(hf: dict[str, Any], layers: dict[str, dict[str, Any]],
     """``config.json`` for a saved model: ``hf`` is export's ``hf_model`` entry
     (``module``, ``class``, ``config`` dict), ``layers`` its layer table.
 
-    Raises:
-        ValueError: the class is not one ``transformers`` exports at top level (the
-            modelling file looks it up there).
+    The class must be one ``transformers`` exports at top level (the modelling file
+    looks it up there): see :func:`rebuildable`.
     """
     import transformers
 
     class_name = hf["class"]
-    if not isinstance(getattr(transformers, class_name, None), type):
-        raise ValueError(f"transformers has no top-level class {class_name!r}: the saved "
-                         "model could not be rebuilt by the shipped modelling file")
     config = dict(hf["config"])
     base_type = config.get("model_type") or ""
     config_class = getattr(transformers, class_name).config_class.__name__
@@ -96,6 +92,14 @@ def hf_config_json(hf: dict[str, Any], layers: dict[str, dict[str, Any]],
     if dtype is not None:
         config["dtype" if "torch_dtype" not in config else "torch_dtype"] = dtype
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def rebuildable(hf: dict[str, Any]) -> bool:
+    """Whether the shipped modelling file can rebuild the model class of ``hf`` (a class
+    ``transformers`` exports at top level, as all of its model classes are)."""
+    import transformers
+
+    return isinstance(getattr(transformers, hf["class"], None), type)
 
 
 def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
@@ -131,7 +135,11 @@ def hf_directory_files(meta_hf: dict[str, Any] | None, layers: dict[str, dict[st
             files), or the tokenizer writes a file named like a model file.
     """
     files: dict[str, bytes] = {}
-    if meta_hf is not None:
+    if meta_hf is not None and not rebuildable(meta_hf):
+        warnings.warn(f"transformers has no top-level class {meta_hf['class']!r}: saving "
+                      "without config.json (load_compressed loads it; AutoModel cannot)",
+                      UserWarning, stacklevel=4)
+    elif meta_hf is not None:
         files[CONFIG_FILE] = hf_config_json(meta_hf, layers, dtype)
         files[MODELING_FILE] = modeling_source()
     if tokenizer is not None:
@@ -179,11 +187,14 @@ def has_tunecomp_layers(model: nn.Module) -> bool:
     return any(isinstance(getattr(m, INFO_ATTR, None), TargetInfo) for m in model.modules())
 
 
-def _is_finalized(model: nn.Module) -> bool:
-    for mod in model.modules():
-        if isinstance(mod, MaskedLowRankLinear) and (
-                mod.teacher_weight is not None or bool((mod.mask != 1).any())):
-            return False
+def _is_exportable(model: nn.Module) -> bool:
+    """Whether :func:`~.export.save_compressed` takes ``model`` (finalized layers)."""
+    from . import export
+
+    try:
+        export._layer_table(model)
+    except ValueError:
+        return False
     return True
 
 
@@ -203,21 +214,25 @@ def _mark_not_loadable(directory: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _guarded_save_pretrained(model: nn.Module, original: Any, save_directory: Any,
-                             *args: Any, **kwargs: Any) -> Any:
+def _guarded_save_pretrained(model: nn.Module, save_directory: Any, *args: Any,
+                             **kwargs: Any) -> Any:
     from .export import save_compressed
 
+    original = type(model).save_pretrained  # looked up per call: the model stays picklable
     if not has_tunecomp_layers(model):  # e.g. after merge_and_unload
-        return original(save_directory, *args, **kwargs)
-    if _is_finalized(model):
+        return original(model, save_directory, *args, **kwargs)
+    if _is_exportable(model):
         if kwargs.get("push_to_hub"):
             raise ValueError("push_to_hub is not supported for a TuneComp model: "
                              "save_compressed(model, dir) then upload dir")
+        if kwargs.get("is_main_process", True) is False:  # other ranks write nothing
+            return None
         return save_compressed(model, save_directory, overwrite=True)
     # A Trainer checkpoint of a model in training: keep HF's files (resuming reads the
     # weights), but make the directory unloadable by plain transformers.
-    result = original(save_directory, *args, **kwargs)
-    _mark_not_loadable(Path(save_directory))
+    result = original(model, save_directory, *args, **kwargs)
+    if kwargs.get("is_main_process", True) is not False:
+        _mark_not_loadable(Path(save_directory))
     return result
 
 
@@ -226,18 +241,18 @@ def guard_save_pretrained(model: nn.Module) -> nn.Module:
 
     Plain ``save_pretrained`` writes low-rank weights under a config that plain
     ``transformers`` loads as the dense model, with the compressed layers silently
-    random. Guarded, a finalized model is written by
-    :func:`~.export.save_compressed` (the same loadable directory); a model still in
-    training keeps HF's files (Trainer checkpoints resume from them) but its
-    ``config.json`` gets a model type plain ``transformers`` refuses. A model without
-    TuneComp layers (e.g. after :func:`~.merge.merge_and_unload`) saves as usual.
-    Models without ``save_pretrained`` are returned unchanged. Idempotent.
+    random. Guarded, a finalized model is written by :func:`~.export.save_compressed`
+    (the same loadable directory; ``state_dict=`` and other saving options are not
+    used, ``push_to_hub=True`` raises ValueError); a model still in training keeps HF's
+    files (Trainer checkpoints resume from them) but its ``config.json`` gets a model
+    type that plain ``transformers`` refuses. A model without TuneComp layers (e.g.
+    after :func:`~.merge.merge_and_unload`) saves as usual. Models without
+    ``save_pretrained`` are returned unchanged. Idempotent.
     """
     original = getattr(type(model), "save_pretrained", None)
     if original is None or getattr(model, GUARD_ATTR, False):
         return model
-    bound = original.__get__(model, type(model))
-    wrapper = functools.partial(_guarded_save_pretrained, model, bound)
+    wrapper = functools.partial(_guarded_save_pretrained, model)
     object.__setattr__(model, "save_pretrained", functools.update_wrapper(wrapper, original))
     object.__setattr__(model, GUARD_ATTR, True)
     return model

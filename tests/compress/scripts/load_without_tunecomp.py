@@ -5,7 +5,8 @@ Usage: python load_without_tunecomp.py CASES.pt RESULTS.json
 CASES.pt holds a list of dicts: ``name``, ``dir``, ``auto`` (an AutoModel* class name),
 ``remote`` (load with trust_remote_code=True), ``inputs`` (model kwargs) and ``expected``
 (the logits the test computed with tunecomp_kernels); optionally ``text`` and
-``expected_ids`` for a tokenizer saved with the model. RESULTS.json gets, per case, what
+``expected_ids`` for a tokenizer saved with the model, ``image`` and ``expected_pixels``
+for an image processor. RESULTS.json gets, per case, what
 happened, plus whether importing tunecomp_kernels was refused and whether any of it got
 imported anyway.
 """
@@ -59,6 +60,10 @@ def run_case(case):
     if "text" in case:
         tok = transformers.AutoTokenizer.from_pretrained(case["dir"])
         out["ids_equal"] = tok(case["text"])["input_ids"] == case["expected_ids"]
+    if "image" in case:
+        proc = transformers.AutoImageProcessor.from_pretrained(case["dir"])
+        pixels = proc(case["image"].numpy(), return_tensors="pt")["pixel_values"]
+        out["pixels_equal"] = bool(torch.equal(pixels, case["expected_pixels"]))
     return out
 
 
