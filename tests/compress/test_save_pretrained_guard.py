@@ -3,6 +3,7 @@ transformers loads with random low-rank layers."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -135,3 +136,42 @@ def test_guarded_save_on_other_ranks_writes_nothing(tmp_path):
         compress_to_budget(tiny_bert(), TuneCompConfig(target_ratio=0.4)))
     assert model.save_pretrained(tmp_path / "m", is_main_process=False) is None
     assert not (tmp_path / "m").exists()
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, n: int = 12) -> None:
+        batch = text_batches(1, batch=n)[0]
+        self.ids, self.labels = batch["input_ids"], batch["labels"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
+                    reason="transformers.Trainer needs accelerate")
+def test_trainer_checkpoints_of_a_guarded_model_resume(tmp_path):
+    from tunecomp_kernels.integrations.hf_trainer import TuneCompCallback
+
+    cfg = TuneCompConfig(target_ratio=0.4, blend_steps=3, total_steps=4)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
+        learning_rate=1e-3, report_to="none", save_strategy="steps", save_steps=2,
+        logging_strategy="no", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+        seed=0)
+    runs = []
+    for resume in (None, str(tmp_path / "out" / "checkpoint-2")):
+        model = tiny_bert()
+        controller = prepare(model, cfg)
+        guard_save_pretrained(model)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(),
+                                       callbacks=[TuneCompCallback(controller)])
+        trainer.train(resume_from_checkpoint=resume)
+        runs.append(controller)
+        ckpt = json.loads((tmp_path / "out" / "checkpoint-2" / "config.json").read_text())
+        assert ckpt["model_type"] == "tunecomp_unfinalized_checkpoint"
+    assert runs[1].step_count == 4
+    assert all(torch.equal(runs[1].alive_masks()[k], v)
+               for k, v in runs[0].alive_masks().items())
