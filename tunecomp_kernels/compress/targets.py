@@ -230,8 +230,9 @@ _PROBLEM_TEXT = {
     "aliased": "the same module is reachable under several names; only one of them would "
                "be converted",
     "frozen": "frozen by the user (weight.requires_grad=False); TuneComp would change them",
-    "direct": "their parent reads .weight/.bias directly instead of calling the layer, "
-              "which would bypass the teacher blend",
+    "direct": "their parent reads .weight/.bias directly instead of calling the layer "
+              "(nn.MultiheadAttention passes out_proj.weight/.bias to "
+              "F.multi_head_attention_forward), which would bypass the teacher blend",
 }
 
 
