@@ -384,3 +384,23 @@ def test_find_targets_default_is_unchanged_on_plain_models():
         assert len(find_targets(tiny_bert())) == 12
         assert len(find_targets(tiny_gpt2())) == 8
     assert math.isfinite(count_parameters(tiny_bert()))
+
+
+def test_views_of_one_storage_are_tied_only_where_they_overlap():
+    """Weights loaded as views of one flat buffer (disjoint slices) are not tied."""
+    model = block_net()
+    params = [p for _, p in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(find_targets(model)) == 4
+    overlapping = block_net()
+    up = overlapping.blocks[0].up.weight
+    overlapping.blocks[1].down.weight.data = up.data.view(-1)[:24 * 48].view(24, 48)
+    with pytest.warns(UserWarning, match=r"blocks\.0\.up, blocks\.1\.down \(their weight is "
+                                         r"shared"):
+        assert list(find_targets(overlapping)) == ["blocks.0.down", "blocks.1.up"]

@@ -251,6 +251,14 @@ def _storage_key(t: torch.Tensor) -> tuple | None:
     return (t.device, t.untyped_storage().data_ptr())
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage ``t`` can reach: tensors that are views of one storage
+    (e.g. loaded from one file) share memory only where these ranges overlap."""
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+    start = t.storage_offset() * t.element_size()
+    return start, start + span * t.element_size()
+
+
 def structure_problems(
     model: nn.Module, selected: dict[str, nn.Module]
 ) -> dict[str, tuple[str, str]]:
@@ -260,13 +268,13 @@ def structure_problems(
     if not selected:
         return {}
     all_names = module_names(model)
-    owners: dict[tuple, list[str]] = {}
+    owners: dict[tuple, list[tuple[str, tuple[int, int]]]] = {}
     tensors = [*model.named_parameters(remove_duplicate=False),
                *model.named_buffers(remove_duplicate=False)]
     for tname, t in tensors:
         key = _storage_key(t)
         if key is not None:
-            owners.setdefault(key, []).append(tname)
+            owners.setdefault(key, []).append((tname, _byte_range(t)))
     problems: dict[str, tuple[str, str]] = {}
     for name, mod in selected.items():
         why = _problem_of(model, mod, all_names[id(mod)], owners)
@@ -276,7 +284,8 @@ def structure_problems(
 
 
 def _problem_of(
-    model: nn.Module, mod: nn.Module, names: list[str], owners: dict[tuple, list[str]]
+    model: nn.Module, mod: nn.Module, names: list[str],
+    owners: dict[tuple, list[tuple[str, tuple[int, int]]]],
 ) -> tuple[str, str] | None:
     slots = {}
     for name in names:
@@ -290,7 +299,9 @@ def _problem_of(
     for what in ("weight", "bias"):
         t = getattr(mod, what, None)
         key = None if t is None else _storage_key(t)
-        others = [] if key is None else [o for o in owners.get(key, []) if o not in own]
+        start, end = (0, 0) if key is None else _byte_range(t)
+        others = [o for o, (lo, hi) in owners.get(key, []) if o not in own and lo < end
+                  and start < hi]
         if others:
             return "tied", (f"shares its {what} with {others[0]!r} (tied weights); converting "
                             "it would untie them and add a matrix to the model")
