@@ -31,6 +31,25 @@ constexpr int64_t kDecodeRowsPerBlock = 16;   // 8 warps x 2 output rows
 constexpr int64_t kDecodeChunk = 256;    // 32 lanes x 8 elements
 constexpr int64_t kMaxSplits = 64;
 constexpr int64_t kColsumThreads = 256;
+constexpr int64_t kElementwiseThreads = 256;
+constexpr int64_t kMaxElementwiseBlocks = 4096;
+
+// Blocks of a grid-stride elementwise kernel over `count` items (also the number of
+// partial maxima the range scaling below writes).
+inline int64_t elementwise_block_count(int64_t count) {
+  const int64_t blocks = (count + kElementwiseThreads - 1) / kElementwiseThreads;
+  return std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxElementwiseBlocks));
+}
+
+// fp16 intermediates are range-scaled: the fp32 t * s * mask (forward split, dU) and
+// h = s * (dy U) * mask (dx, dV) are multiplied by a power of two 2^-e, chosen from the
+// tensor's largest magnitude, before they are rounded to fp16 for the tensor-core
+// product, and the product is multiplied by 2^e afterwards. Both steps are exact, so
+// the result is that of the fp16 product without its range: unscaled, |t| > 65504
+// overflowed and |h| < 6e-5 lost its precision (subnormals). bf16 has fp32's range and
+// fp32 is not rounded, so neither is scaled. Workspace: one fp32 partial maximum per
+// elementwise block and the scale pair [2^e, 2^-e] per scaled tensor.
+inline bool range_scaled(DType d) { return d == DType::kFloat16; }
 
 enum class ForwardPath : int { kAuto = 0, kFused = 1, kSplit = 2, kDecode = 3 };
 
@@ -107,6 +126,7 @@ struct ForwardPlan {
   Split decode_split;       // decode path: split-K of t over k (GEMV)
   int64_t fused_groups = 1; // fused path: column-tile groups per row tile
   size_t off_t_partial = 0, off_tm = 0;
+  size_t off_qpart = 0, off_q = 0;  // range scaling (fp16 split path)
   size_t workspace_bytes = 0;
 };
 
@@ -157,6 +177,12 @@ inline ForwardPlan plan_forward(const Shape& s, int requested, int64_t sms) {
       off += align256(static_cast<size_t>(p.t_split.count * s.n * s.r) * 4);
       p.off_tm = off;
       off += align256(static_cast<size_t>(s.n * s.r * es));
+      if (range_scaled(s.dtype)) {
+        p.off_qpart = off;
+        off += align256(static_cast<size_t>(elementwise_block_count(s.n * s.r)) * 4);
+        p.off_q = off;
+        off += align256(2 * 4);
+      }
     }
   } else {  // fused
     const int64_t row_tiles = std::max<int64_t>(1, ceil_div(s.n, kTile));
@@ -175,6 +201,8 @@ struct BackwardPlan {
   int64_t row_tiles = 0;   // dmask partial count
   Split du_split, dv_split, db_split;
   size_t off_h = 0, off_dmask = 0, off_tm = 0, off_du = 0, off_dv = 0, off_db = 0;
+  // range scaling (fp16): fp32 h, partial maxima, [2^e, 2^-e] of h then of t*s*mask
+  size_t off_h32 = 0, off_qpart = 0, off_q = 0;
   size_t workspace_bytes = 0;
 };
 
@@ -197,6 +225,11 @@ inline BackwardPlan plan_backward(const Shape& s, int needs, int64_t sms) {
     return at;
   };
   if (p.need_h) p.off_h = take(static_cast<size_t>(s.n * s.r * es));
+  if (range_scaled(s.dtype) && (p.need_h || p.run_tm)) {
+    if (p.need_h) p.off_h32 = take(static_cast<size_t>(s.n * s.r) * 4);
+    p.off_qpart = take(static_cast<size_t>(elementwise_block_count(s.n * s.r)) * 4);
+    p.off_q = take(4 * 4);
+  }
   if ((needs & kNeedMask) && s.r > 0) {
     p.off_dmask = take(static_cast<size_t>(std::max<int64_t>(p.row_tiles, 1) * s.r) * 4);
   }

@@ -25,6 +25,12 @@
 //   two_gemm_kernel     dx = a dy W0 + h V (one accumulator)
 //   colsum_partial_kernel  dbias partials sum_rows dy
 //   finalize_kernel     sums every set of partials in split order, scales, converts.
+// fp16 range scaling (common/mlr.h, range_scaled): tm and h are multiplied by a power of
+// two 2^-e before they are rounded to fp16 and the products by 2^e after, so fp32 t and
+// h beyond fp16's range (|t| > 65504 overflowed, tiny h went subnormal) give the
+// fp32-accumulation result. The fused kernel takes e from its own tile (a block max);
+// the split path and the backward from the whole tensor (absmax_partial_kernel +
+// range_scale_kernel). Power-of-two factors are exact; the tensor-core products stay fp16.
 // No atomics anywhere: every reduction order depends only on the shape and the
 // SM count, so results are bitwise reproducible on one GPU.
 // The blend scales come as a device array scales = [a, s] (fp32) that every kernel
@@ -38,6 +44,65 @@ namespace mlr {
 
 TC_DEV float teacher_scale(const float* scales) { return scales[0]; }
 TC_DEV float student_scale(const float* scales) { return scales[1]; }
+
+// --- range scaling of fp16 intermediates (see range_scaled in common/mlr.h) -------
+// Only fp16 is scaled: bf16 has fp32's exponent range, and fp32 is never rounded.
+template <typename T>
+constexpr bool kRangeScaled = std::is_same<T, __half>::value;
+
+// Max over the block (256 threads; `red` holds 8 floats of shared memory). Every
+// thread gets the result. NaN inputs are ignored by fmaxf.
+TC_DEV float block_max(float v, float* red) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, shfl_xor(v, off));
+  if (thread_rank() % 32 == 0) red[thread_rank() / 32] = v;
+  __syncthreads();
+  float out = red[0];
+  for (int w = 1; w < kThreads / 32; ++w) out = fmaxf(out, red[w]);
+  __syncthreads();
+  return out;
+}
+
+// q = [2^e, 2^-e] with max_abs * 2^-e in [2^14, 2^15): fp16's largest binade below 65504,
+// so the scaled maximum neither overflows nor wastes range; e = 0 for 0 or inf/NaN.
+TC_DEV void range_scale_of(float max_abs, float& q, float& q_inv) {
+  int e = 0;
+  if (max_abs > 0.f && max_abs <= 3.4028234e38f) {
+    int exp2 = 0;
+    frexpf(max_abs, &exp2);  // max_abs in [2^(exp2-1), 2^exp2)
+    e = imin(imax(exp2 - 15, -100), 100);
+  }
+  q = ldexpf(1.f, e);
+  q_inv = ldexpf(1.f, -e);
+}
+
+// partial[block] = max |src[i] * (mask ? mask[i % cols] * s : 1)| over the block's items.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+absmax_partial_kernel(const float* __restrict__ src, const T* __restrict__ mask,
+                      const float* __restrict__ scales, int64_t count, int64_t cols,
+                      float* __restrict__ partial) {
+  const float s = mask != nullptr ? student_scale(scales) : 1.f;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  float mx = 0.f;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + thread_rank(); i < count;
+       i += stride) {
+    const float v = mask != nullptr ? src[i] * (to_f(mask[i % cols]) * s) : src[i];
+    mx = fmaxf(mx, fabsf(v));
+  }
+  mx = block_max(mx, reinterpret_cast<float*>(dynamic_smem()));
+  if (thread_rank() == 0) partial[blockIdx.x] = mx;
+}
+
+// q[0..1] = range_scale_of(max of the `count` partial maxima); one block. (A template
+// only so that each dtype's translation unit has its own instance.)
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+range_scale_kernel(const float* __restrict__ partial, int64_t count, float* __restrict__ q) {
+  float mx = 0.f;
+  for (int64_t i = thread_rank(); i < count; i += kThreads) mx = fmaxf(mx, partial[i]);
+  mx = block_max(mx, reinterpret_cast<float*>(dynamic_smem()));
+  if (thread_rank() == 0) range_scale_of(mx, q[0], q[1]);
+}
 
 template <typename T>
 TC_DEV float bias_term(const T* bias, float bias_scale, const T* bias2, float bias2_scale,
@@ -76,14 +141,17 @@ gemm_partial_kernel(Operand<T> A, Operand<T> B, int64_t M, int64_t N, int64_t K,
 }
 
 // t = sum of `splits` partials (or t_in when ws is null); writes t_out and/or
-// tm_out = T(t * mask * s). [n, r] row-major.
+// tm_out = T(t * mask * s * q[1]) ([n, r] row-major). A null mask multiplies by 1 (no s),
+// a null q by 1: the rounding to T is the only inexact step.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 t_finalize_kernel(const float* __restrict__ ws, int64_t splits, const float* __restrict__ t_in,
                   float* __restrict__ t_out, T* __restrict__ tm_out, const T* __restrict__ mask,
-                  const float* __restrict__ scales, int64_t n, int64_t r) {
+                  const float* __restrict__ scales, const float* __restrict__ q, int64_t n,
+                  int64_t r) {
   const int64_t count = n * r;
-  const float s = tm_out != nullptr ? student_scale(scales) : 0.f;
+  const float s = tm_out != nullptr && mask != nullptr ? student_scale(scales) : 1.f;
+  const float q_inv = q != nullptr ? q[1] : 1.f;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + thread_rank(); i < count;
        i += stride) {
@@ -95,7 +163,10 @@ t_finalize_kernel(const float* __restrict__ ws, int64_t splits, const float* __r
       v = t_in[i];
     }
     if (t_out != nullptr) t_out[i] = v;
-    if (tm_out != nullptr) tm_out[i] = from_f<T>(v * (to_f(mask[i % r]) * s));
+    if (tm_out != nullptr) {
+      const float ms = mask != nullptr ? to_f(mask[i % r]) * s : 1.f;
+      tm_out[i] = from_f<T>(v * ms * q_inv);
+    }
   }
 }
 
@@ -115,7 +186,8 @@ finalize_kernel(const float* __restrict__ ws, int64_t splits, int64_t count,
   }
 }
 
-// out[M, N] = T(a * A1 B1 + A2 B2 + s * bias + a * bias2), a and s from `scales`.
+// out[M, N] = T(a * A1 B1 + q[0] * A2 B2 + s * bias + a * bias2), a and s from `scales`;
+// q (null: 1) undoes A2's range scaling: the accumulator holds everything times q[1].
 // A1 and A2 are K-contiguous ([M][K1], [M][K2]); K1 == 0 skips the first product.
 //   forward y : A1 = x, B1 = W0 [m][k] (KC), A2 = tm, B2 = U [m][r] (KC)
 //   dx        : A1 = dy, B1 = W0 [m][k] (MN), A2 = h, B2 = V [r][k] (MN)
@@ -123,10 +195,13 @@ template <typename T, bool B1KC, bool B2KC>
 __global__ void __launch_bounds__(kThreads)
 two_gemm_kernel(Operand<T> A1, Operand<T> B1, int64_t K1, Operand<T> A2, Operand<T> B2,
                 int64_t K2, const T* __restrict__ bias, const T* __restrict__ bias2,
-                const float* __restrict__ scales, T* __restrict__ out, int64_t M, int64_t N) {
+                const float* __restrict__ scales, const float* __restrict__ a2_q,
+                T* __restrict__ out, int64_t M, int64_t N) {
   using P = typename PolicyOf<T>::type;
   const float a = teacher_scale(scales);
   const float s = student_scale(scales);
+  const float q = a2_q != nullptr ? a2_q[0] : 1.f;
+  const float q_inv = a2_q != nullptr ? a2_q[1] : 1.f;
   char* smem = dynamic_smem();
   float* sC = reinterpret_cast<float*>(smem);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
@@ -137,7 +212,7 @@ two_gemm_kernel(Operand<T> A1, Operand<T> B1, int64_t K1, Operand<T> A2, Operand
   P::zero(acc);
   if (K1 > 0) {
     mainloop<T, true, B1KC>(acc, A1, B1, m0, n0, 0, K1, smem, rows_valid, cols_valid);
-    P::scale(acc, a);
+    P::scale(acc, a * q_inv);
   }
   mainloop<T, true, B2KC>(acc, A2, B2, m0, n0, 0, K2, smem, rows_valid, cols_valid);
   P::stage(acc, sC, kLdC, rows_valid, cols_valid);
@@ -147,7 +222,7 @@ two_gemm_kernel(Operand<T> A1, Operand<T> B1, int64_t K1, Operand<T> A2, Operand
     const int cc = idx % kBN;
     if (rr < rows_valid && cc < cols_valid) {
       const int64_t col = n0 + cc;
-      const float v = sC[rr * kLdC + cc] + bias_term(bias, s, bias2, a, col);
+      const float v = sC[rr * kLdC + cc] * q + bias_term(bias, s, bias2, a, col);
       out[(m0 + rr) * N + col] = from_f<T>(v);
     }
   }
@@ -188,6 +263,18 @@ fused_forward_kernel(Operand<T> X, Operand<T> V, Operand<T> W0, Operand<T> U, in
   mainloop<T, true, true>(acc, X, V, m0, 0, 0, K, work, rows_valid, r);
   P::stage(acc, sC, kLdC, rows_valid, r);
   __syncthreads();
+  // fp16: the tile's own power-of-two range scale for tm (kRangeScaled); sT is free
+  // scratch for the block reduction until tm is written.
+  float q = 1.f, q_inv = 1.f;
+  if constexpr (kRangeScaled<T>) {
+    float mx = 0.f;
+    for (int idx = thread_rank(); idx < rows_valid * r; idx += kThreads) {
+      const int rr = idx / r;
+      const int jj = idx % r;
+      mx = fmaxf(mx, fabsf(sC[rr * kLdC + jj] * (to_f(mask[jj]) * s)));
+    }
+    range_scale_of(block_max(mx, reinterpret_cast<float*>(sT)), q, q_inv);
+  }
   for (int idx = thread_rank(); idx < kBM * rp; idx += kThreads) {
     const int rr = idx / rp;
     const int jj = idx % rp;
@@ -197,7 +284,7 @@ fused_forward_kernel(Operand<T> X, Operand<T> V, Operand<T> W0, Operand<T> U, in
       if (blockIdx.y == 0) t_out[(m0 + rr) * r + jj] = v;
       v *= to_f(mask[jj]) * s;
     }
-    sT[rr * C::kLdFull + jj] = from_f<T>(v);
+    sT[rr * C::kLdFull + jj] = from_f<T>(v * q_inv);
   }
   __syncthreads();
 
@@ -209,7 +296,7 @@ fused_forward_kernel(Operand<T> X, Operand<T> V, Operand<T> W0, Operand<T> U, in
     P::zero(acc);
     if (W0.p != nullptr) {
       mainloop<T, true, true>(acc, X, W0, m0, n0, 0, K, work, rows_valid, cols_valid);
-      P::scale(acc, a);
+      P::scale(acc, a * q_inv);  // the whole accumulator carries tm's scale
     }
     // U[n0:n0+128, 0:rp] -> shared (zeros past r and past M), then acc += tm U^T.
     load_tile<T, kBN, kBN>(sU, C::kLdFull, U.p, U.ld, U.rows, r, n0, 0, U.vec, rp);
@@ -226,7 +313,7 @@ fused_forward_kernel(Operand<T> X, Operand<T> V, Operand<T> W0, Operand<T> U, in
       const int cc = idx % kBN;
       if (rr < rows_valid && cc < cols_valid) {
         const int64_t col = n0 + cc;
-        const float v = sC[rr * kLdC + cc] + bias_term(bias, s, b0, a, col);
+        const float v = sC[rr * kLdC + cc] * q + bias_term(bias, s, b0, a, col);
         y[(m0 + rr) * M + col] = from_f<T>(v);
       }
     }
@@ -236,6 +323,8 @@ fused_forward_kernel(Operand<T> X, Operand<T> V, Operand<T> W0, Operand<T> U, in
 
 // Backward g = dy U for a [128 rows, 128 ranks] tile, then
 //   h[n, j]             = T(s * g * mask[j])                 (if h_out)
+//   h32[n, j]           = s * g * mask[j] in fp32             (if h32_out: fp16, which
+//                          range-scales h before rounding it; see common/mlr.h)
 //   dmask_ws[tile_row, j] = sum over the tile's rows of t * g   (if dmask_ws)
 // dy [n][m] is K-contiguous, U [m][r] is MN-contiguous.
 constexpr int bwd_g_smem_bytes() { return kStageCBytes + 2 * kBN * 4; }
@@ -245,7 +334,7 @@ __global__ void __launch_bounds__(kThreads)
 bwd_g_kernel(Operand<T> DY, Operand<T> Uop, int64_t N, int64_t M, int64_t r,
              const float* __restrict__ t, const T* __restrict__ mask,
              const float* __restrict__ scales, T* __restrict__ h_out,
-             float* __restrict__ dmask_ws) {
+             float* __restrict__ h32_out, float* __restrict__ dmask_ws) {
   using P = typename PolicyOf<T>::type;
   const float s = student_scale(scales);
   char* smem = dynamic_smem();
@@ -260,13 +349,18 @@ bwd_g_kernel(Operand<T> DY, Operand<T> Uop, int64_t N, int64_t M, int64_t r,
   mainloop<T, true, false>(acc, DY, Uop, m0, n0, 0, M, smem, rows_valid, cols_valid);
   P::stage(acc, sC, kLdC, rows_valid, cols_valid);
   __syncthreads();
-  if (h_out != nullptr) {
+  if (h_out != nullptr || h32_out != nullptr) {
     for (int idx = thread_rank(); idx < kBM * kBN; idx += kThreads) {
       const int rr = idx / kBN;
       const int cc = idx % kBN;
       if (rr < rows_valid && cc < cols_valid) {
         const int64_t j = n0 + cc;
-        h_out[(m0 + rr) * r + j] = from_f<T>(sC[rr * kLdC + cc] * (to_f(mask[j]) * s));
+        const float h = sC[rr * kLdC + cc] * (to_f(mask[j]) * s);
+        if (h32_out != nullptr) {
+          h32_out[(m0 + rr) * r + j] = h;
+        } else {
+          h_out[(m0 + rr) * r + j] = from_f<T>(h);
+        }
       }
     }
   }
