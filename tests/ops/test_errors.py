@@ -106,3 +106,40 @@ def test_set_teacher_shape_errors():
         layer.set_teacher(torch.randn(6, 4))
     with pytest.raises(ValueError, match=r"teacher bias must be \[4\], got \[3\]"):
         layer.set_teacher(torch.randn(4, 6), torch.randn(3))
+
+
+@pytest.mark.parametrize(
+    "overrides, exc, message",
+    [
+        ({"teacher_scale": torch.ones(2)}, ValueError,
+         r"teacher_scale must be a float or a 0-d floating tensor, got a torch.float32 tensor "
+         r"of shape \[2\]"),
+        ({"student_scale": torch.tensor(1)}, ValueError,
+         r"student_scale must be a float or a 0-d floating tensor, got a torch.int64"),
+        ({"student_scale": float("nan")}, ValueError, "student_scale must be finite, got nan"),
+        ({"teacher_scale": "0.5"}, TypeError, "teacher_scale must be a float, got str"),
+    ],
+)
+def test_scale_errors_name_the_scale(overrides, exc, message):
+    with pytest.raises(exc, match=message):
+        call(**overrides)
+
+
+def test_tensor_scales_give_the_float_result():
+    # a 0-d tensor (any float dtype, here float64) is the same blend as the float
+    torch.testing.assert_close(call(teacher_scale=torch.tensor(0.25, dtype=torch.float64),
+                                    student_scale=torch.tensor(0.5)),
+                               call(teacher_scale=0.25, student_scale=0.5))
+
+
+def test_layer_scale_setters_check_and_keep_fp32():
+    layer = MaskedLowRankLinear(8, 6, 4)
+    with pytest.raises(ValueError, match="teacher_scale must be finite, got inf"):
+        layer.teacher_scale = float("inf")
+    with pytest.raises(TypeError, match="student_scale must be a float, got str"):
+        layer.student_scale = "1"
+    layer.teacher_scale = 0.3
+    assert "teacher_scale_tensor" not in layer.state_dict()  # non-persistent buffers
+    layer.half()
+    assert layer.teacher_scale_tensor.dtype == torch.float32  # not rounded to 0.2998
+    assert float(layer.teacher_scale_tensor) == pytest.approx(0.3, rel=1e-7)

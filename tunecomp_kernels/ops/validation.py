@@ -32,7 +32,16 @@ def check_inputs(
         if (tensor is not None or required) and not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     present = {k: v for k, v in named.items() if v is not None}
+    _check_shapes(x, U, mask, V, bias, teacher_weight, teacher_bias)
+    _check_dtypes_and_devices(x, present)
+    for name, value in (("teacher_scale", teacher_scale), ("student_scale", student_scale)):
+        _check_scale(name, value)
+    if (not isinstance(teacher_scale, torch.Tensor) and teacher_scale != 0.0
+            and teacher_weight is None):
+        raise ValueError(f"teacher_scale={teacher_scale} but no teacher_weight was given")
 
+
+def _check_shapes(x, U, mask, V, bias, teacher_weight, teacher_bias) -> None:  # noqa: ANN001
     if x.dim() < 1:
         raise ValueError(f"x must have at least one dimension [..., in], got shape {_shape(x)}")
     if U.dim() != 2:
@@ -67,6 +76,9 @@ def check_inputs(
                 f"teacher_bias must be [out]=[{out_f}], got {_shape(teacher_bias)}"
             )
 
+
+
+def _check_dtypes_and_devices(x: torch.Tensor, present: dict[str, torch.Tensor]) -> None:
     dtypes = {name: t.dtype for name, t in present.items()}
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
@@ -77,12 +89,6 @@ def check_inputs(
     if len(set(devices.values())) != 1:
         listed = ", ".join(f"{k}={v}" for k, v in devices.items())
         raise ValueError(f"device mismatch: all tensors must be on one device, got {listed}")
-
-    for name, value in (("teacher_scale", teacher_scale), ("student_scale", student_scale)):
-        _check_scale(name, value)
-    if (not isinstance(teacher_scale, torch.Tensor) and teacher_scale != 0.0
-            and teacher_weight is None):
-        raise ValueError(f"teacher_scale={teacher_scale} but no teacher_weight was given")
 
 
 def _check_scale(name: str, value: object) -> None:
