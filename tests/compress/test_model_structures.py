@@ -141,9 +141,13 @@ def test_step_zero_output_equals_the_dense_model(family, mode):
     model = make_model().train(mode == "train")
     batch = make_batch()
     dense = _seeded_call(model, batch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch models: out_proj stays dense
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         controller = prepare(model, TuneCompConfig(init_rank_ratio=0.5))
+    left_dense = [str(w.message) for w in record if "TuneComp leaves" in str(w.message)]
+    # only nn.MultiheadAttention's out_proj is left dense (it is read, not called)
+    assert all("out_proj" in m for m in left_dense)
+    assert bool(left_dense) == family.startswith("torch_")
     assert controller.layers and controller.alpha == 1.0
     assert model.training == (mode == "train")
     tol = 1e-6 * max(1.0, dense.abs().max().item())
