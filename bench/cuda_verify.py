@@ -6,7 +6,8 @@
 Runs each kernel family -- ``forward_fused``, ``forward_split``, ``forward_decode`` and
 ``backward`` -- in float32, float16 and bfloat16 over a fixed set of cases (odd shapes,
 leading dims, N in {1, 5, 16, 4096}, r in {0, 1, 11, 128, 129}, teacher on and off, pruned
-ranks, every backward subset) and compares against the float64 reference with the
+ranks, every backward subset; for float16 also inputs whose intermediates leave the fp16
+range, ``HALF_RANGE_CASES``) and compares against the float64 reference with the
 tolerances of tests/helpers.py (relative norm error; NaN/inf fail). It also checks that
 two runs give bit-identical results (the kernels use no atomics).
 
@@ -69,6 +70,12 @@ FORWARD_CASES = {
                ((5,), 1030, 300, 24, False, 0.0), ((2, 8), 520, 41, 130, True, 0.3),
                ((5,), 40, 24, 0, True, 0.0), ((1,), 4096, 4096, 64, True, 0.0)],
 }
+#: float16 only: (path, case, x/V scale, U scale, dy scale): t = x·Vᵀ ~ 4e5 > 65504 with
+#: h ~ 4e-6 (subnormal), or t ~ 4e-6; y and every gradient stay in fp16's range.
+HALF_RANGE_CASES = [(path, ((n,), 16, 12, 4, teacher, 0.0), big, small, dy)
+                    for path, n in (("fused", 4096), ("split", 150), ("decode", 8))
+                    for teacher in (False, True)
+                    for big, small, dy in ((300.0, 1e-3, 1e-3), (1e-3, 300.0, 16.0))]
 #: Device the cases run on ("cuda"; tests run the plumbing on "cpu" with a stand-in backend).
 DEVICE = "cuda"
 NEEDS_SUBSETS = [[True] * 5, [True, False, False, False, False], [False, True, True, False, False],
@@ -86,11 +93,19 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def check_case(path: str, case, dtype: torch.dtype, seed: int, needs=None) -> dict:
-    """Forward via `path` and backward; relative errors vs float64 per output."""
+def check_case(path: str, case, dtype: torch.dtype, seed: int, needs=None,
+               magnitudes: tuple[float, float, float] | None = None) -> dict:
+    """Forward via `path` and backward; relative errors vs float64 per output.
+    ``magnitudes`` (x/V, U, dy scales) turns the case into a HALF_RANGE_CASES one."""
     from tunecomp_kernels.ops import cuda_backend
 
     inputs = _inputs(case, dtype, seed)
+    if magnitudes is not None:
+        big, small, _ = magnitudes
+        for name, factor in (("x", big), ("V", big * case[1] ** 0.5), ("U", small),
+                             ("teacher_weight", 1.0 / big)):
+            if inputs[name] is not None:
+                inputs[name] = (inputs[name].double() * factor).to(dtype)
     teacher = case[4]
     a, s = (0.6 if teacher else 0.0), 0.8
     args = [inputs[n] for n in GRADS]
@@ -107,7 +122,10 @@ def check_case(path: str, case, dtype: torch.dtype, seed: int, needs=None) -> di
     deterministic = torch.equal(y, y2) and torch.equal(t, t2)
 
     gen = torch.Generator().manual_seed(seed + 1)
-    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    if magnitudes is not None:
+        dy = torch.full(y.shape, magnitudes[2], dtype=torch.float64)
+    dy = dy.to(dtype).to(DEVICE)
     y_ref.backward(dy.double())
     needs = needs or [True] * 5
     grads = cuda_backend.backward(dy, inputs["x"], inputs["U"], inputs["mask"], inputs["V"], t,
@@ -173,7 +191,26 @@ def verify(log) -> tuple[dict, list]:
             record("backward", dtype_name, res["backward_ok"], bwd_worst / res["tol"])
             report.append({"path": "split", "needs": needs, "dtype": dtype_name, **res})
             log(f"{dtype_name:9s} needs={needs} {'ok' if res['backward_ok'] else 'FAIL'}")
+        if dtype == torch.float16:
+            seed = _verify_half_range(dtype_name, dtype, seed, record, report, log)
     return results, report
+
+
+def _verify_half_range(dtype_name, dtype, seed, record, report, log) -> int:
+    """The HALF_RANGE_CASES: fp32-range intermediates through the fp16 kernels."""
+    for path, case, *magnitudes in HALF_RANGE_CASES:
+        seed += 1
+        res = check_case(path, case, dtype, seed, magnitudes=tuple(magnitudes))
+        worst = max((v for v in res["errors"].values() if isinstance(v, float)),
+                    default=math.inf)
+        record(f"forward_{path}", dtype_name, res["forward_ok"], worst / res["tol"])
+        record("backward", dtype_name, res["backward_ok"], worst / res["tol"])
+        report.append({"path": path, "case": list(map(str, case)), "dtype": dtype_name,
+                       "magnitudes": magnitudes, **res})
+        log(f"{dtype_name:9s} {path:6s} range x{magnitudes[0]:g} "
+            f"{'ok' if res['forward_ok'] and res['backward_ok'] else 'FAIL'} "
+            + " ".join(f"{k}={v:.1e}" for k, v in res["errors"].items()))
+    return seed
 
 
 def _versions() -> dict:

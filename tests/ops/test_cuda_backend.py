@@ -593,7 +593,7 @@ def test_verification_script_records_pass_and_fail(tables, monkeypatch):
     results, report = cv.verify(lambda *_: None)
     assert set(results) == {(k, d) for k in cuda_tables.KERNELS for d in ("float32", "float16")}
     assert all(s["passed"] for s in results.values()), results
-    assert len(report) == 2 * (6 + len(cv.NEEDS_SUBSETS) - 1)
+    assert len(report) == 2 * (6 + len(cv.NEEDS_SUBSETS) - 1) + len(cv.HALF_RANGE_CASES)
     cv.write_verified(results, versions, cuda_tables.VERIFIED_PATH)
     assert cuda_tables.is_verified("forward_fused", "float16", GPU_NAME)
     assert not cuda_tables.is_verified("forward_fused", "bfloat16", GPU_NAME)  # not run
