@@ -226,7 +226,7 @@ def test_backward_op_returns_fresh_empty_tensors_for_unneeded_grads():
 def test_saved_t_is_fp32_for_half_inputs():
     inputs = make_inputs((70,), 16, 16, 8, torch.float16, DEVICE)
     _, t = tb.OPS.forward(inputs["x"], inputs["U"], inputs["mask"], inputs["V"],
-                          inputs["bias"], None, None, 0.0, 1.0)
+                          inputs["bias"], None, None, torch.tensor(0.0), torch.tensor(1.0))
     assert t.dtype == torch.float32 and t.shape == (70, 8)
     expected = inputs["x"].double() @ inputs["V"].double().t()
     assert_close(t, expected, torch.float16, "t")
