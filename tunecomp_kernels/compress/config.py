@@ -151,6 +151,11 @@ class TuneCompConfig:
 
     Execution
         backend: op backend of the :class:`~tunecomp_kernels.MaskedLowRankLinear` layers.
+        compact_during_training: remove pruned ranks from the layers (and from the
+            attached optimiser's state) during training, at a few steps of the run and
+            when the budget is met, instead of masking them until ``finalize``
+            (:mod:`~.compaction`; default True). Results equal the masked run to
+            rounding. A run may resume with the other value.
     """
 
     target_ratio: float = 0.5
@@ -178,6 +183,7 @@ class TuneCompConfig:
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
     backend: str = "auto"
+    compact_during_training: bool = True
     _patterns: dict[str, list[re.Pattern[str]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -225,6 +231,9 @@ class TuneCompConfig:
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         check_backend_name(self.backend)
+        if not isinstance(self.compact_during_training, bool):
+            raise TypeError("compact_during_training must be a bool, got "
+                            f"{type(self.compact_during_training).__name__}")
 
     def _check_steps(self) -> None:
         for name in ("total_steps", "blend_steps", "prune_end", "l1_decay_steps"):

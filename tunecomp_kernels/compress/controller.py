@@ -21,9 +21,15 @@ Training loop contract (see :func:`~.training.train` for a ready-made loop)::
    ``prune_start``) to the final budget ``B = floor(target_ratio · Σ in·out)`` (at
    ``prune_end``); the globally least important ranks are pruned until the raw size is
    within it or the exported size is already within ``B``;
-4. writes 0 into the mask of every dead rank. A dead rank never comes back: the alive
-   flags live in the controller (and its ``state_dict``), so whatever the optimiser
-   (momentum, Adam, weight decay) does to a pruned mask entry is undone after each step.
+4. compacts (:mod:`.compaction`): at a few steps of the run, and whenever dead ranks
+   are stored once the budget is met, the dead ranks leave U, mask and V in place, and
+   so does the state the attached optimisers keep for them
+   (:meth:`TuneCompController.attach_optimizer`; ``train`` and the trainer callbacks
+   attach theirs);
+5. writes 0 into the mask of every dead rank still stored. A dead rank never comes back:
+   the alive flags live in the controller (and its ``state_dict``), so whatever the
+   optimiser (momentum, Adam, weight decay) does to a pruned mask entry is undone after
+   each step.
 
 The config's schedule is in fractions of the run unless it gives step counts;
 :meth:`TuneCompController.fit_schedule` fixes the run length (the trainer integrations
@@ -49,8 +55,9 @@ from torch import nn
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .budget import effective_cost, hard_shrink, prune_to_budget
 from .calibration import eval_mode
+from .compaction import RankStorage
 from .config import _NOMINAL_STEPS, Schedule, TuneCompConfig
-from .controller_state import STATE_VERSION, check_state
+from .controller_state import STATE_VERSION, controller_state, load_controller_state
 from .distill import LossTerms
 from .model_io import call_model
 from .schedules import ScheduleError, blend_scales, budget_fraction, l1_weight
@@ -127,6 +134,7 @@ class TuneCompController(LossTerms):
                     f"score='activation' needs calibration statistics; missing for {missing[0]!r}"
                 )
         self._alive = [torch.ones(m.rank, dtype=torch.bool) for m in self._mods]
+        self._storage = RankStorage(self._mods, config.compact_during_training)
         self._alive_dev = [a.to(m.mask.device) for a, m in zip(self._alive, self._mods)]
         self._ranks = [m.rank for m in self._mods]
         self.original_params = sum(i.dense_params for i in self._infos)
@@ -171,8 +179,37 @@ class TuneCompController(LossTerms):
         return dict(zip(self._names, self._ranks))
 
     def alive_masks(self) -> dict[str, torch.Tensor]:
-        """Per layer, a CPU bool ``[r]`` of the ranks still alive (copies)."""
+        """Per layer, a CPU bool ``[r]`` of the ranks still alive (copies), indexed by the
+        layer's original ranks."""
         return {n: a.clone() for n, a in zip(self._names, self._alive)}
+
+    def stored_ranks(self) -> dict[str, torch.Tensor]:
+        """Per layer, int64 ``[k]``: the original indices of the ranks the layer stores
+        now, ascending (all of them until a compaction; see :mod:`.compaction`)."""
+        return self._storage.state(self._names)
+
+    # --- compaction during training ----------------------------------------------------
+
+    def attach_optimizer(self, optimizer: Any) -> None:
+        """Keep ``optimizer``'s state in step when pruned ranks are compacted away during
+        training (:mod:`.compaction`); until one is attached nothing is compacted.
+        Wrappers (accelerate, Lightning) are unwrapped. Attaching again is a no-op.
+
+        Raises:
+            TypeError: not an optimiser. ValueError: ``LBFGS`` (flat state).
+        """
+        self._storage.attach(optimizer)
+
+    @property
+    def compaction_blocker(self) -> str | None:
+        """Why pruned ranks are not compacted away during training now (config off, no
+        optimiser attached, torch.distributed, unsupported optimiser state), or ``None``."""
+        return self._storage.blocker
+
+    @property
+    def compaction_events(self) -> int:
+        """How many compaction events ran (in this process)."""
+        return self._storage.events
 
     @property
     def score_kind(self) -> str:
@@ -242,6 +279,7 @@ class TuneCompController(LossTerms):
         if self.finalized:
             raise RuntimeError("the model was finalized; the controller cannot step any more")
         self._schedule_at(self.step_count + 1)
+        self._storage.check(self._names)
         self.step_count += 1
         self._apply(prune=True)
 
@@ -257,12 +295,16 @@ class TuneCompController(LossTerms):
         self.l1_lambda = l1_weight(cfg, t, sched)
         if prune:
             self._shrink_and_prune(t)
+            met = t >= sched.prune_end or self.current_params <= self.budget_params
+            for i in self._storage.compact(self._alive, met):
+                self._set_alive(i, self._alive[i])
         self._zero_dead()
 
     def _shrink_and_prune(self, t: int) -> None:
         cfg = self.config
         masks = _gather_cpu([m.mask for m in self._mods])
         for i, mask in enumerate(masks):
+            mask = self._storage.expand(i, mask, self._alive[i].numel())
             new = hard_shrink(self._alive[i], mask, cfg.shrink_threshold,
                               min(cfg.min_rank, self._alive[i].numel()))
             if not torch.equal(new, self._alive[i]):
@@ -281,7 +323,7 @@ class TuneCompController(LossTerms):
 
     def _set_alive(self, i: int, alive: torch.Tensor) -> None:
         self._alive[i] = alive
-        self._alive_dev[i] = alive.to(self._mods[i].mask.device)
+        self._alive_dev[i] = self._storage.local(i, alive).to(self._mods[i].mask.device)
         self._ranks[i] = int(alive.sum())
 
     @torch.no_grad()
@@ -292,17 +334,19 @@ class TuneCompController(LossTerms):
 
     @torch.no_grad()
     def scores(self) -> list[torch.Tensor]:
-        """Per layer, the importance of each rank (float64, CPU): ``|mask_i|·‖U[:, i]‖·
-        ‖V[i, :]‖``, with V's columns weighted by the input RMS for ``score="activation"``."""
+        """Per layer, the importance of each original rank (float64, CPU ``[r]``):
+        ``|mask_i|·‖U[:, i]‖·‖V[i, :]‖``, with V's columns weighted by the input RMS for
+        ``score="activation"``; 0 for ranks compacted away."""
         out = []
-        for name, m in zip(self._names, self._mods):
+        for i, (name, m) in enumerate(zip(self._names, self._mods)):
             u = _full(m.U.detach()).float().norm(dim=0)
             v_mat = _full(m.V.detach()).float()
             if self.score_kind == "activation":
                 rms = self.activation_rms[name].to(device=v_mat.device, dtype=v_mat.dtype)
                 v_mat = v_mat * rms
             v = v_mat.norm(dim=1)
-            out.append((_full(m.mask.detach()).float().abs() * u * v).to("cpu", torch.float64))
+            score = (_full(m.mask.detach()).float().abs() * u * v).to("cpu", torch.float64)
+            out.append(self._storage.expand(i, score, self._alive[i].numel()))
         return out
 
     # --- teacher -----------------------------------------------------------------------
@@ -373,59 +417,25 @@ class TuneCompController(LossTerms):
     # --- checkpointing -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: step, alive flags, budget, config, run length,
-        statistics."""
-        return {
-            "version": STATE_VERSION,
-            "step": self.step_count,
-            "alive": {n: a.clone() for n, a in zip(self._names, self._alive)},
-            "start_params": self.start_params,
-            "budget_params": self.budget_params,
-            "original_params": self.original_params,
-            "teacher_freed": self.teacher_freed,
-            "config": self.config.to_dict(),
-            "schedule_steps": None if self.schedule is None else self.schedule.total_steps,
-            "activation_rms": {k: v.cpu().clone() for k, v in self.activation_rms.items()},
-        }
+        """Everything needed to resume: step, alive flags and stored ranks (by original
+        index), budget, config, run length, statistics."""
+        return controller_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into a controller made by ``prepare`` on the same
-        model and config. Load it *before* the model's state dict when the checkpoint was
-        taken after the blend (it drops the teachers, whose buffers that state dict lacks).
+        model and config. Load it *before* the model's state dict: it resizes the layers to
+        the ranks the state stores (compacted during training), and when the checkpoint was
+        taken after the blend it drops the teachers, whose buffers that state dict lacks.
+        (Weights loaded first also work: the layers take the saved rank count on load, and
+        this then restores which ranks they are.)
 
         Raises:
-            ValueError: not a controller state, or one made for other layers or config.
+            ValueError: not a controller state, or one made for other layers or config, or
+                the layers' sizes fit neither the state nor the controller.
             ScheduleError: the state is from before the end of the blend but this model's
                 teachers were already freed, so the run cannot continue from it.
         """
-        check_state(state, self.config, dict(zip(self._names, self._ranks_at_start())))
-        saved = state.get("schedule_steps")
-        schedule = self.schedule if saved is None else self.config.resolve_schedule(saved)
-        if self.teacher_freed and not state["teacher_freed"]:
-            blend = "the end of the blend" if schedule is None else (
-                f"the end of the blend (step {schedule.blend_steps})")
-            raise ScheduleError(
-                f"the checkpoint is from step {state['step']}, before {blend}, but this "
-                f"model's teachers were freed at {blend}: the run cannot be continued or "
-                "finished from it. Reload a checkpoint taken after the blend (evaluate and "
-                "save only after it), or prepare a fresh model from the pretrained weights "
-                "and load the checkpoint into that"
-            )
-        for i, name in enumerate(self._names):
-            self._set_alive(i, state["alive"][name].to("cpu", torch.bool).clone())
-        self.schedule = schedule
-        self.start_params = int(state["start_params"])
-        self.budget_params = int(state["budget_params"])
-        self.step_count = int(state["step"])
-        self.activation_rms = {
-            k: v.to(self.layers[k].V.device) for k, v in state["activation_rms"].items()
-        }
-        if state["teacher_freed"] and not self.teacher_freed:
-            self.free_teacher()
-        self._apply(prune=False)
-
-    def _ranks_at_start(self) -> list[int]:
-        return [a.shape[0] for a in self._alive]
+        load_controller_state(self, state)
 
 
 def _teacher_only(layer: MaskedLowRankLinear, x: torch.Tensor) -> torch.Tensor:

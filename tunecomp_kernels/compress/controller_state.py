@@ -1,13 +1,23 @@
-"""Validation of a :class:`~.controller.TuneCompController` state dict before it is loaded,
-so that a bad or foreign checkpoint changes nothing."""
+"""A :class:`~.controller.TuneCompController`'s state dict: building it, validating it
+before anything is loaded (so that a bad or foreign checkpoint changes nothing) and
+restoring it.
+
+Alive flags and stored ranks are indexed by each layer's original ranks, so a state is
+the same whether or not the run compacted (:mod:`.compaction`). A state without
+``"stored"`` (written before compaction existed) stores every rank.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .config import TuneCompConfig
+from .schedules import ScheduleError
+
+if TYPE_CHECKING:
+    from .controller import TuneCompController
 
 STATE_VERSION = 1
 
@@ -54,15 +64,95 @@ def check_state(state: Any, config: TuneCompConfig, ranks: dict[str, int]) -> No
                 f"layer {name!r}: checkpoint alive flags {list(alive[name].shape)} != model "
                 f"rank [{rank}]"
             )
+    if state.get("stored") is not None:
+        _check_stored(state["stored"], alive, ranks)
+
+
+def _check_stored(stored: Any, alive: dict[str, torch.Tensor], ranks: dict[str, int]) -> None:
+    """The stored ranks: per layer, ascending original indices that include every alive
+    rank."""
+    if not isinstance(stored, dict) or sorted(stored) != sorted(ranks):
+        raise ValueError("TuneCompController state: 'stored' must map every layer name to "
+                         "its stored rank indices")
+    for name, rank in ranks.items():
+        idx = stored[name]
+        ok = (isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.numel() >= 1
+              and not idx.is_floating_point() and idx.dtype != torch.bool)
+        if ok:
+            idx = idx.to("cpu", torch.long)
+            ok = bool((idx[1:] > idx[:-1]).all()) and int(idx[0]) >= 0 and int(idx[-1]) < rank
+        if not ok:
+            raise ValueError(f"layer {name!r}: the stored ranks must be ascending integer "
+                             f"indices in [0, {rank}), got {stored[name]!r}")
+        kept = torch.zeros(rank, dtype=torch.bool)
+        kept[idx] = True
+        if bool((alive[name].to("cpu", torch.bool) & ~kept).any()):
+            raise ValueError(f"layer {name!r}: an alive rank is not among the stored ranks")
+
+
+# How the run executes, not what it computes: a run may resume with another value.
+_EXECUTION_FIELDS = frozenset({"compact_during_training"})
 
 
 def _check_config(saved: dict[str, Any], config: TuneCompConfig) -> None:
     mine = config.to_dict()
     # a field newer than the checkpoint counts as saved with its default value
     defaults = TuneCompConfig.__dataclass_fields__
-    diff = sorted(k for k in mine if saved.get(k, defaults[k].default) != mine[k])
+    diff = sorted(k for k in mine if k not in _EXECUTION_FIELDS
+                  and saved.get(k, defaults[k].default) != mine[k])
     if diff:
         raise ValueError(
             "the checkpoint was made with a different TuneCompConfig; differing fields: "
             + ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in diff)
         )
+
+
+def controller_state(c: TuneCompController) -> dict[str, Any]:
+    """:meth:`~.controller.TuneCompController.state_dict` of ``c``."""
+    return {
+        "version": STATE_VERSION,
+        "step": c.step_count,
+        "alive": c.alive_masks(),
+        "stored": c.stored_ranks(),
+        "start_params": c.start_params,
+        "budget_params": c.budget_params,
+        "original_params": c.original_params,
+        "teacher_freed": c.teacher_freed,
+        "config": c.config.to_dict(),
+        "schedule_steps": None if c.schedule is None else c.schedule.total_steps,
+        "activation_rms": {k: v.cpu().clone() for k, v in c.activation_rms.items()},
+    }
+
+
+def load_controller_state(c: TuneCompController, state: Any) -> None:
+    """:meth:`~.controller.TuneCompController.load_state_dict` (same errors): validate,
+    resize the layers to the stored ranks, then restore the rest."""
+    ranks = {n: a.numel() for n, a in c.alive_masks().items()}
+    check_state(state, c.config, ranks)
+    saved = state.get("schedule_steps")
+    schedule = c.schedule if saved is None else c.config.resolve_schedule(saved)
+    if c.teacher_freed and not state["teacher_freed"]:
+        blend = "the end of the blend" if schedule is None else (
+            f"the end of the blend (step {schedule.blend_steps})")
+        raise ScheduleError(
+            f"the checkpoint is from step {state['step']}, before {blend}, but this "
+            f"model's teachers were freed at {blend}: the run cannot be continued or "
+            "finished from it. Reload a checkpoint taken after the blend (evaluate and "
+            "save only after it), or prepare a fresh model from the pretrained weights "
+            "and load the checkpoint into that"
+        )
+    stored = state.get("stored") or {n: torch.arange(r) for n, r in ranks.items()}
+    names = list(ranks)
+    c._storage.restore(names, stored)
+    for i, name in enumerate(names):
+        c._set_alive(i, state["alive"][name].to("cpu", torch.bool).clone())
+    c.schedule = schedule
+    c.start_params = int(state["start_params"])
+    c.budget_params = int(state["budget_params"])
+    c.step_count = int(state["step"])
+    c.activation_rms = {
+        k: v.to(c.layers[k].V.device) for k, v in state["activation_rms"].items()
+    }
+    if state["teacher_freed"] and not c.teacher_freed:
+        c.free_teacher()
+    c._apply(prune=False)

@@ -226,6 +226,8 @@ class _Loop:
         self.forward, self.loss_fn, self.saver = forward, loss_fn, saver
         self.device = model_device(model)
         self.rng: Any = None
+        if controller is not None:  # its state then follows the ranks compacted away
+            controller.attach_optimizer(optimizer)
 
     def start(self, resume, steps: int) -> tuple[TrainResult, int, int]:
         """The history, first step and data position: fresh, or from a checkpoint."""
