@@ -348,6 +348,10 @@ def test_frozen_layers_are_refused_when_included_and_partly_frozen_keep_their_fl
     with pytest.raises(ValueError, match=r"'blocks\.0\.up' is frozen \(weight\.requires_grad="
                                          r"False\)"):
         prepare(_frozen_block_net(), TuneCompConfig(include=[r"\.up$"]))
+    frozen = block_net().requires_grad_(False)
+    with pytest.warns(UserWarning, match="frozen"), pytest.raises(
+            ValueError, match=r"nothing to compress \(the 4 layer\(s\) it selects are frozen"):
+        prepare(frozen, TuneCompConfig())
     model = block_net()
     model.blocks[1].down.bias.requires_grad_(False)  # only the bias frozen: converted
     controller = prepare(model, TuneCompConfig(target_ratio=0.5), forward=forward_x)

@@ -20,9 +20,9 @@ from .targets import (
     INFO_ATTR,
     TargetInfo,
     dense_weight,
-    find_targets,
     keep_layer_forwards,
     make_target_infos,
+    select_layers,
     set_submodule,
 )
 
@@ -71,10 +71,15 @@ def select_targets(model: nn.Module, config: TuneCompConfig) -> dict[str, nn.Mod
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     already = [n for n, m in model.named_modules() if isinstance(m, MaskedLowRankLinear)]
-    targets = find_targets(model, config.include_patterns(), config.exclude_patterns())
+    targets, left_dense = select_layers(model, config.include_patterns(),
+                                        config.exclude_patterns())
     if not targets:
         hint = (f" (it already holds {len(already)} MaskedLowRankLinear layers: prepared twice?)"
                 if already else "")
+        if left_dense:
+            kinds = sorted({kind for kind, _ in left_dense.values()})
+            hint += (f" (the {len(left_dense)} layer(s) it selects are {'/'.join(kinds)}: see "
+                     "the warning)")
         raise ValueError(
             f"no module of {type(model).__name__} matches the selection (include="
             f"{config.include!r}, exclude={config.exclude!r}): nothing to compress{hint}"
@@ -152,9 +157,15 @@ def prepare(
         forward: how to call the model on one batch (default ``model(**batch)`` /
             ``model(*batch)`` / ``model(batch)``); also used for teacher forwards.
 
+    Layers that converting would break are never converted: a layer whose weight is tied
+    to another tensor, a module registered under several parents, a layer frozen by the
+    user (``weight.requires_grad=False``) and a layer its parent reads ``.weight``/``.bias``
+    from directly (``nn.MultiheadAttention.out_proj``). The default selection leaves them
+    dense with one warning per kind; selecting one with ``include`` is an error.
+
     Raises:
-        ValueError: no layer matches, the target is infeasible, calibration is missing
-            or empty.
+        ValueError: no layer matches, ``include`` selects a layer that cannot be converted,
+            the target is infeasible, calibration is missing or empty.
     """
     config = TuneCompConfig() if config is None else config
     if not isinstance(config, TuneCompConfig):

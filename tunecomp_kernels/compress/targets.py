@@ -168,6 +168,16 @@ def find_targets(
     Raises:
         ValueError: an ``include`` pattern selects such a layer.
     """
+    return select_layers(model, include, exclude)[0]
+
+
+def select_layers(
+    model: nn.Module,
+    include: Sequence[re.Pattern[str]] | None = None,
+    exclude: Sequence[re.Pattern[str]] = (),
+) -> tuple[dict[str, nn.Module], dict[str, tuple[str, str]]]:
+    """:func:`find_targets`, and the layers it left dense: ``{name: (kind, reason)}``
+    (see :func:`structure_problems`)."""
     aliases = module_names(model)
 
     def matches(patterns: Sequence[re.Pattern[str]], mod: nn.Module) -> bool:
@@ -185,7 +195,7 @@ def find_targets(
     selected = {n: m for n, m in candidates if not matches(exclude, m) and _compressible(m)}
     problems = structure_problems(model, selected)
     if not problems:
-        return selected
+        return selected, {}
     if include is not None:
         lines = "; ".join(f"{name!r} {why}" for name, (_, why) in problems.items())
         raise ValueError(
@@ -199,9 +209,9 @@ def find_targets(
         warnings.warn(
             f"TuneComp leaves {len(names)} layer(s) dense: {', '.join(names)} "
             f"({_PROBLEM_TEXT[kind]}); include them explicitly to get an error with details",
-            UserWarning, stacklevel=3,
+            UserWarning, stacklevel=4,
         )
-    return {n: m for n, m in selected.items() if n not in problems}
+    return {n: m for n, m in selected.items() if n not in problems}, problems
 
 
 def make_target_infos(targets: dict[str, nn.Module]) -> dict[str, TargetInfo]:
