@@ -21,7 +21,8 @@ class RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-LAYOUTS = ["contiguous", "strided", "transposed", "expanded", "params-transposed"]
+LAYOUTS = ["contiguous", "strided", "transposed", "expanded", "params-transposed",
+           "empty-params-transposed"]
 
 
 def _laid_out(inputs: dict, layout: str) -> dict:
@@ -34,7 +35,9 @@ def _laid_out(inputs: dict, layout: str) -> dict:
         out["x"] = x.transpose(0, 1).contiguous().transpose(0, 1)
     elif layout == "expanded":  # a stride-0 leading dim
         out["x"] = x[:1].expand(x.shape)
-    elif layout == "params-transposed":
+    elif layout.endswith("params-transposed"):  # (N = 0 has its own zero-gradient path)
+        if layout.startswith("empty"):
+            out["x"] = x[:0]
         for name in ("U", "V", "teacher_weight"):
             if out[name] is not None:
                 out[name] = out[name].t().contiguous().t()

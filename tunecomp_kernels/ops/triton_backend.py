@@ -289,6 +289,37 @@ def forward(
     return y.reshape(*x.shape[:-1], out_f), t
 
 
+def _launch_dy(dy: torch.Tensor, U: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+               h: torch.Tensor, du_acc: torch.Tensor, dmask_acc: torch.Tensor,
+               dbias_acc: torch.Tensor, x2: torch.Tensor, student_scale: torch.Tensor, *,
+               fuse_du: bool, need_mask: bool, need_h: bool, fold_bias: bool) -> None:
+    """The dy kernel: g = dy·U, h, dmask, dbias and (``fuse_du``) dU from one read of dy."""
+    n, out_f, r, k = dy.shape[0], U.shape[0], U.shape[1], x2.shape[1]
+    block_r = _rank_block(r)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(r, block_r))
+
+    wrap_triton(dy_kernel)[grid](
+        dy, U, t, mask, h, du_acc, dmask_acc, dbias_acc, x2,
+        n, k, out_f, r, at.n_bucket(n),
+        dy.stride(0), dy.stride(1), U.stride(0), U.stride(1), t.stride(0), t.stride(1),
+        h.stride(0), h.stride(-1), du_acc.stride(0), du_acc.stride(-1),
+        student_scale,
+        FUSE_DU=fuse_du, NEED_MASK=need_mask, NEED_H=need_h,
+        NEED_BIAS=fold_bias, UPCAST=_upcast(x2.dtype), PRECISION=_precision(x2.dtype),
+        WIDE_PRECISION=_wide_precision(x2.dtype), BLOCK_R=block_r,
+    )
+
+
+def _zero_grads(grad_y: torch.Tensor, x: torch.Tensor, U: torch.Tensor, mask: torch.Tensor,
+                V: torch.Tensor, needs_grad: list[bool]) -> tuple[torch.Tensor, ...]:
+    """Contiguous zero gradients (N = 0), 0-element tensors where not needed."""
+    shapes = (x.shape, U.shape, mask.shape, V.shape, (U.shape[0],))
+    return tuple(grad_y.new_zeros(shape, dtype=ref.dtype) if need else grad_y.new_empty((0,))
+                 for shape, ref, need in zip(shapes, (x, U, mask, V, grad_y), needs_grad))
+
+
 def backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
@@ -315,14 +346,9 @@ def backward(
     if not _int32_indexable(n, k, out_f, r, x2, dy, U, V, t, teacher_weight):
         return reference.backward(grad_y, x, U, mask, V, t, teacher_weight, teacher_scale,
                                   student_scale, needs_grad)
-    dx, dU, dmask, dV, dbias = (grad_y.new_empty((0,)) for _ in range(5))
     if n == 0:  # nothing to reduce: the gradients are zero
-        dx = torch.zeros_like(x) if need_x else dx
-        dU = torch.zeros_like(U) if need_U else dU
-        dmask = torch.zeros_like(mask) if need_mask else dmask
-        dV = torch.zeros_like(V) if need_V else dV
-        dbias = grad_y.new_zeros((out_f,)) if need_bias else dbias
-        return dx, dU, dmask, dV, dbias
+        return _zero_grads(grad_y, x, U, mask, V, needs_grad)
+    dx, dU, dmask, dV, dbias = (grad_y.new_empty((0,)) for _ in range(5))
 
     mask = mask.contiguous()
     need_g = need_x or need_V or need_mask
@@ -338,21 +364,8 @@ def backward(
         else _scratch(x)
 
     if need_g:
-        block_r = _rank_block(r)
-
-        def grid(meta: dict) -> tuple[int, int]:
-            return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(r, block_r))
-
-        wrap_triton(dy_kernel)[grid](
-            dy, U, t, mask, h, du_acc, dmask_acc, dbias_acc, x2,
-            n, k, out_f, r, at.n_bucket(n),
-            dy.stride(0), dy.stride(1), U.stride(0), U.stride(1), t.stride(0), t.stride(1),
-            h.stride(0), h.stride(-1), du_acc.stride(0), du_acc.stride(-1),
-            student_scale,
-            FUSE_DU=fuse_du, NEED_MASK=need_mask, NEED_H=need_h,
-            NEED_BIAS=fold_bias, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
-            WIDE_PRECISION=_wide_precision(x.dtype), BLOCK_R=block_r,
-        )
+        _launch_dy(dy, U, t, mask, h, du_acc, dmask_acc, dbias_acc, x2, student_scale,
+                   fuse_du=fuse_du, need_mask=need_mask, need_h=need_h, fold_bias=fold_bias)
     if need_U:
         if not fuse_du:
             du_acc = _gemm(dy.t(), t, x2, out_f, r, at.n_bucket(n), scale=mask,
