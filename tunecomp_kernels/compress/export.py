@@ -5,16 +5,19 @@ A saved model is a directory holding
 * ``model.safetensors``: the model's state dict (tied tensors stored once);
 * ``tunecomp.json``: per converted layer its kind (``"lowrank"`` or ``"dense"``), rank and
   original shape, the :class:`TuneCompConfig`, the tied-tensor aliases, the dtype and,
-  for Hugging Face models, the model class and its config (``config.to_json_string()``).
+  for Hugging Face models, the model class and its config (``config.to_json_string()``);
+  for other models the hyperparameters of their modules (``modules``), which
+  :func:`load_compressed` (in :mod:`.load`) compares with the model it is given.
 
 Loading needs no training code path: for HF models :func:`load_compressed` rebuilds the
 architecture from the saved config (no hub access), swaps in
 :class:`~tunecomp_kernels.MaskedLowRankLinear` layers of the saved ranks and loads the
 weights; for any other model the caller passes an uncompressed instance of the same
-architecture. Saving is atomic: files go to a temporary sibling directory and are moved
-into place only when complete and read back equal, so a failure never leaves a
-half-written directory nor touches an existing good one; files in the directory that the
-library did not write are never touched (:mod:`.output_dir`).
+architecture, checked against the saved one first. Saving is atomic: files go to a
+temporary sibling directory and are moved into place only when complete and read back
+equal, so a failure never leaves a half-written directory nor touches an existing good
+one; files in the directory that the library did not write are never touched
+(:mod:`.output_dir`).
 """
 
 from __future__ import annotations
