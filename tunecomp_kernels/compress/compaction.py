@@ -125,6 +125,18 @@ def unsupported_state(optimizers: Sequence[torch.optim.Optimizer],
     return None
 
 
+def set_data(p: nn.Parameter, data: torch.Tensor) -> None:
+    """``p.data = data`` for a ``data`` of another shape, without a stale gradient
+    accumulator: autograd caches ``p``'s AccumulateGrad node with ``p``'s shape, and an
+    earlier graph still referenced (e.g. the previous step's ``loss`` variable) would hand
+    it out to the next graph, whose backward then fails on the shape. Assigning ``.data``
+    drops that cache only when the dtype or device changes, so ``p`` passes through an
+    empty tensor of another dtype first."""
+    other = torch.float32 if data.dtype != torch.float32 else torch.float64
+    p.data = torch.empty(0, dtype=other, device=data.device)
+    p.data = data
+
+
 @torch.no_grad()
 def resize_layer(layer: MaskedLowRankLinear, src: torch.Tensor,
                  optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
@@ -134,7 +146,7 @@ def resize_layer(layer: MaskedLowRankLinear, src: torch.Tensor,
         p = getattr(layer, name)
         old = p.shape
         grad, p.grad = p.grad, None
-        p.data = remap(p.data, dim, src)
+        set_data(p, remap(p.data, dim, src))
         if grad is not None:
             p.grad = remap(grad, dim, src)
         for opt in optimizers:
@@ -166,7 +178,7 @@ def _resize_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str,
             shape = list(p.shape)
             shape[dim] = k
             p.grad = None
-            p.data = p.data.new_zeros(shape)
+            set_data(p, p.data.new_zeros(shape))
 
 
 def install_load_hook(layer: MaskedLowRankLinear) -> None:

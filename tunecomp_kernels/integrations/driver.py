@@ -12,6 +12,9 @@ The Hugging Face ``Trainer`` callback (:mod:`.hf_trainer`) and the Lightning cal
   the run's first step refuse a configured distillation that the loss does not contain;
 * ``after_optimizer_step``: step the controller up to the trainer's optimiser-step count,
   so gradient accumulation (several batches per optimiser step) counts once;
+* ``attach``: hand the trainer's optimiser to the controller (from any hook that has
+  it), so that ranks compacted away during training leave its state too
+  (:mod:`~tunecomp_kernels.compress.compaction`);
 * ``restore``: load a controller state saved with a checkpoint, either to resume training
   or, for a best-checkpoint reload at the end, only when that checkpoint is from after the
   blend and with the budget met (its teachers are gone from the model by then, so an
@@ -79,6 +82,13 @@ class ControllerDriver:
         self._distill_mark = c.distill_terms
 
     # --- every optimiser step ---------------------------------------------------------
+
+    def attach(self, optimizer: Any) -> None:
+        """Attach the trainer's optimiser(s) to the controller (``None`` and repeats are
+        ignored; a list or tuple attaches each)."""
+        for opt in optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]:
+            if opt is not None:
+                self.controller.attach_optimizer(opt)
 
     def before_optimizer_step(self) -> None:
         """Add the L1 gradient; on the first step, check that distillation is in the loss.

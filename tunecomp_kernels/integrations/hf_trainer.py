@@ -12,10 +12,12 @@ steps are an error. It needs no change to the loss: right before each optimiser 
 (after the Trainer's gradient clipping) it adds the L1 penalty's gradient
 ``λ_t·sign(mask)`` to the masks' gradients — the same update as adding ``λ_t Σ|mask|`` to
 the loss, except that this term is not clipped — and after each step it steps the
-controller. It writes the controller state atomically into every Trainer checkpoint,
-restores it when training resumes from one in ``args.output_dir``, and adds α, λ and the
-parameter ratio to logs. With ``load_best_model_at_end`` it restores the controller state
-saved with the best checkpoint, and refuses one from before the schedule's end (set
+controller, to which it hands the Trainer's optimiser (pruned ranks are compacted out of
+the parameters and of that optimiser's state). It writes the controller state
+atomically into every Trainer checkpoint, restores it when training resumes from one in
+``args.output_dir``, and adds α, λ and the parameter ratio to logs. With
+``load_best_model_at_end`` it restores the controller state saved with the best
+checkpoint, and refuses one from before the schedule's end (set
 ``eval_delay`` so that no earlier checkpoint is evaluated).
 
 With distillation (``config.distill != "none"``) the loss itself changes: use
@@ -93,14 +95,18 @@ class TuneCompCallback(TrainerCallback):
                                 where=folder)
         self.driver.begin(state.max_steps, state.global_step,
                           source=f"the HF Trainer's {state.max_steps} optimiser steps")
+        self.driver.attach(kwargs.get("optimizer"))
         _warn_early_best(args, c)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Add the L1 gradient to the masks (and check distillation on the first step)."""
+        self.driver.attach(kwargs.get("optimizer"))
         self.driver.before_optimizer_step()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Advance the schedule: α, λ, hard shrink, budget, teacher freeing."""
+        """Advance the schedule: α, λ, hard shrink, budget, teacher freeing, compaction
+        (of the parameters and of the Trainer's optimiser state)."""
+        self.driver.attach(kwargs.get("optimizer"))
         self.driver.after_optimizer_step(state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

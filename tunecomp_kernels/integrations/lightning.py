@@ -25,7 +25,9 @@ fit are an error). Then, per optimiser step (gradient accumulation counts once):
   for distillation; a configured distillation missing from the first step's loss is an
   error). Lightning clips gradients after this hook, so the L1 term is clipped with the
   rest;
-* after the step, ``controller.step()`` (α, λ, hard shrinkage, budget, teacher freeing);
+* after the step, ``controller.step()`` (α, λ, hard shrinkage, budget, teacher freeing,
+  and compaction: pruned ranks leave the parameters and the trainer's optimiser state,
+  which the callback attaches to the controller);
 * logs ``tunecomp/alpha``, ``tunecomp/l1`` and ``tunecomp/ratio`` (``log=False`` to stop);
 * saves the controller state in every Lightning checkpoint and restores it on
   ``trainer.fit(..., ckpt_path=...)`` — *before* the model weights are loaded, so a
@@ -36,9 +38,9 @@ fit are an error). Then, per optimiser step (gradient accumulation counts once):
   the schedule (the blend over, the budget met): its teachers are gone from the model.
 
 Under Lightning's DDP strategy the callback needs nothing more (every rank prunes alike,
-see :mod:`tunecomp_kernels.integrations.distributed`); pass
-``DDPStrategy(broadcast_buffers=False)`` so the frozen teachers are not broadcast from
-rank 0 at every forward.
+see :mod:`tunecomp_kernels.integrations.distributed`; pruned ranks stay stored, masked,
+until ``finalize`` there); pass ``DDPStrategy(broadcast_buffers=False)`` so the frozen
+teachers are not broadcast from rank 0 at every forward.
 """
 
 from __future__ import annotations
@@ -145,8 +147,10 @@ class TuneCompLightningCallback(Callback):
         self.driver.begin(planned, trainer.global_step,
                           source=f"the Lightning Trainer's {planned} optimiser steps "
                           "(estimated_stepping_batches)")
+        self.driver.attach(list(getattr(trainer, "optimizers", None) or []))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.driver.attach(optimizer)
         self.driver.before_optimizer_step()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
