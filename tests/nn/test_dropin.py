@@ -255,3 +255,30 @@ def test_every_builder_goes_through_from_dense(monkeypatch, capsys):
     assert main(["demo", "--hidden", "32", "--layers", "1"]) == 0
     assert selections == [1] and len(calls) == 6
     assert "converted 6 linear layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_hf_gradient_checkpointing_mid_blend_gives_the_plain_gradients(reentrant):
+    """A prepared tiny BERT mid-blend, with HF's gradient checkpointing on: same loss
+    gradients, bitwise, as the plain run."""
+    pytest.importorskip("transformers")
+    from tiny_models import text_batches, tiny_bert
+
+    from tunecomp_kernels.compress import TuneCompConfig, prepare
+
+    model = tiny_bert()
+    controller = prepare(model, TuneCompConfig(target_ratio=0.5, blend_steps=4, total_steps=4))
+    controller.step()  # 0 < α < 1: teacher and student both in the graph
+    assert 0.0 < controller.alpha < 1.0
+    ckpt_model = copy.deepcopy(model)
+    ckpt_model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert ckpt_model.is_gradient_checkpointing and not model.is_gradient_checkpointing
+    batch = text_batches(1)[0]
+    for m in (model, ckpt_model):
+        m.train()
+        torch.manual_seed(0)
+        m(**batch).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), ckpt_model.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert p.grad is None or torch.equal(p.grad, q.grad), name
