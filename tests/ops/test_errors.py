@@ -143,3 +143,18 @@ def test_layer_scale_setters_check_and_keep_fp32():
     layer.half()
     assert layer.teacher_scale_tensor.dtype == torch.float32  # not rounded to 0.2998
     assert float(layer.teacher_scale_tensor) == pytest.approx(0.3, rel=1e-7)
+
+
+def test_new_alpha_between_forward_and_backward_uses_the_forward_alpha():
+    # the scale buffers are filled in place; the backward must still see the forward's α
+    layer = MaskedLowRankLinear(8, 6, 4)
+    layer.set_teacher(torch.randn(6, 8))
+    layer.teacher_scale, layer.student_scale = 0.25, 0.5
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).sum().backward()
+    expected = [x.grad.clone(), layer.U.grad.clone()]
+    x.grad = layer.U.grad = None
+    y = layer(x)
+    layer.teacher_scale, layer.student_scale = 0.75, 2.0  # e.g. controller.step() too early
+    y.sum().backward()
+    torch.testing.assert_close([x.grad, layer.U.grad], expected)

@@ -126,8 +126,10 @@ def register_backend_ops(
         ctx.mark_non_differentiable(t)
         # The frozen teacher is only needed for dx. Its scale is a tensor: whether it is 0
         # is not known here without a device sync, so a present teacher is always kept
-        # (a reference to a buffer, no copy).
-        ctx.save_for_backward(x, U, mask, V, t, teacher_weight, teacher_scale, student_scale)
+        # (a reference to a buffer, no copy). The scales are copied: a layer's scale
+        # buffers are updated in place (a new α), and the backward must use the forward's.
+        ctx.save_for_backward(x, U, mask, V, t, teacher_weight, teacher_scale.detach().clone(),
+                              student_scale.detach().clone())
         ctx.has_bias = bias is not None
 
     def backward(ctx, grad_y, _grad_t):

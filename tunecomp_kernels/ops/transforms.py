@@ -106,7 +106,8 @@ class FunctorchFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
         _fwd, bwd_op, x, U, mask, V, bias, teacher_weight, _tb, a, s = inputs
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, U, mask, V, output[1], teacher_weight, a, s)
+        ctx.save_for_backward(x, U, mask, V, output[1], teacher_weight, a.detach().clone(),
+                              s.detach().clone())  # the layer's buffers change in place
         ctx.bwd_op = bwd_op
         ctx.fwd_op = _fwd
         ctx.has_bias = bias is not None
