@@ -105,6 +105,25 @@ def test_equals_the_masked_run_to_rounding(optimizer):
     _assert_close(_finalized_state(model), _finalized_state(ref_model), 1e-10)
 
 
+def test_adafactor_factored_statistics_follow_the_rank_dimension():
+    # row_var [out, 1] of U is reduced over the ranks and stays; col_var [1, r] shrinks.
+    # The reduced statistics counted the dead ranks' zero gradients, so this run is close
+    # to, not equal to, the masked one.
+    model = block_net(seed=0)
+    controller = prepare(model, TuneCompConfig(**BASE))
+    opt = torch.optim.Adafactor([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train(model, opt, vector_batches(STEPS), controller=controller, forward=forward_x,
+          loss_fn=ce_loss)
+    assert controller.compaction_events >= 1 and controller.compaction_blocker is None
+    for m in controller.layers.values():
+        k = m.rank
+        assert opt.state[m.U]["col_var"].shape == (1, k)
+        assert opt.state[m.U]["row_var"].shape == (m.U.shape[0], 1)
+        assert opt.state[m.V]["row_var"].shape == (k, 1)
+        assert opt.state[m.V]["col_var"].shape == (1, m.V.shape[1])
+        assert opt.state[m.mask]["variance"].shape == (k,)
+
+
 def test_parameters_keep_their_identity_and_the_optimizer_keeps_working():
     model = block_net(seed=0)
     controller = prepare(model, TuneCompConfig(**BASE))
