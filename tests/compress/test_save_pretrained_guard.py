@@ -20,6 +20,7 @@ from tunecomp_kernels.compress import (
     merge_and_unload,
     prepare,
     read_metadata,
+    save_compressed,
 )
 from tunecomp_kernels.compress.hf_format import GUARD_ATTR
 
@@ -95,12 +96,14 @@ def test_guard_leaves_models_without_save_pretrained_alone():
     assert guard_save_pretrained(net) is net and not hasattr(net, GUARD_ATTR)
 
 
-@pytest.mark.xfail(strict=True, reason="prepare()/finalize() do not call "
-                   "guard_save_pretrained(model) yet (files owned elsewhere)")
-def test_prepare_and_finalize_guard_save_pretrained():
+def test_prepare_truncation_and_loading_guard_save_pretrained(tmp_path):
     model = tiny_bert()
     prepare(model, TuneCompConfig(target_ratio=0.5, blend_steps=2, total_steps=4))
     assert getattr(model, GUARD_ATTR, False)
+    truncated = compress_to_budget(tiny_bert(), TuneCompConfig(target_ratio=0.4))
+    assert getattr(truncated, GUARD_ATTR, False)
+    save_compressed(truncated.eval(), tmp_path / "saved")
+    assert getattr(load_compressed(tmp_path / "saved"), GUARD_ATTR, False)
 
 
 def test_guarded_model_pickles_and_copies(tmp_path):

@@ -25,6 +25,7 @@ from torch import nn
 from .budget import lowrank_is_smaller, prune_to_budget
 from .calibration import collect_statistics
 from .config import TuneCompConfig
+from .hf_format import guard_save_pretrained
 from .model_io import call_model
 from .prepare import CONFIG_ATTR, build_lowrank, check_feasible, factor_weight, select_targets
 from .targets import INFO_ATTR, TargetInfo, dense_weight, make_target_infos, set_submodule
@@ -90,7 +91,7 @@ def compress_to_budget(
         else:
             setattr(mod, INFO_ATTR, info)
     setattr(model, CONFIG_ATTR, config)
-    return model
+    return guard_save_pretrained(model)  # a plain save_pretrained would reload random layers
 
 
 def __getattr__(name: str) -> Any:

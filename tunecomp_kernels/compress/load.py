@@ -22,6 +22,7 @@ from torch import nn
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .base_model import base_config_differences, check_module_signature
 from .config import TuneCompConfig
+from .hf_format import guard_save_pretrained
 from .prepare import CONFIG_ATTR
 from .targets import INFO_ATTR, TargetInfo, is_supported, layer_dims, set_submodule
 
@@ -191,4 +192,4 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         setattr(model, CONFIG_ATTR, TuneCompConfig.from_dict(meta["tunecomp_config"]))
     if built_here:
         model.eval()
-    return model
+    return guard_save_pretrained(model)  # a plain save_pretrained would reload random layers

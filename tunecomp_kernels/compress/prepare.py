@@ -15,6 +15,7 @@ from .budget import min_feasible_params
 from .calibration import ActivationStats, collect_statistics
 from .config import TuneCompConfig
 from .controller import TuneCompController
+from .hf_format import guard_save_pretrained
 from .model_io import call_model
 from .targets import (
     INFO_ATTR,
@@ -214,5 +215,6 @@ def prepare(
     keep_layer_forwards(model, list(layers))
 
     setattr(model, CONFIG_ATTR, config)
+    guard_save_pretrained(model)  # a plain save_pretrained would reload random layers
     rms = {n: s.rms.float() for n, s in stats.items()}
     return TuneCompController(model, layers, config, activation_rms=rms, forward=forward)
