@@ -9,7 +9,11 @@ saved:
 * parameters and masks are bitwise identical across ranks, and so are the pruning
   decisions at every step (the global budget is computed identically on every rank);
 * both equal a single-process run on the union of the ranks' batches (up to rounding);
-* ``check_in_sync`` / ``broadcast_controller`` / ``ddp_ignore_teachers`` behave.
+* ``check_in_sync`` / ``broadcast_controller`` / ``ddp_ignore_teachers`` behave;
+* compaction during training stays off under DDP and FSDP2 (DDP sized its buckets and
+  FSDP2 its shards at wrap time): the optimiser is attached, as a user would, yet every
+  rank keeps all ranks stored, the dead ones masked; the single-process run compacts,
+  and the two agree on the ranks it keeps.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def _batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def _train(model, controller, batches, record):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    controller.attach_optimizer(opt)
     for x, y in batches:
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y) + controller.regularization()
@@ -56,6 +61,7 @@ def _train(model, controller, batches, record):
         opt.step()
         controller.step()
         record.append({k: v.clone() for k, v in controller.alive_masks().items()})
+    return controller.compaction_blocker  # while the optimiser is alive
 
 
 def _full_state(model) -> dict[str, torch.Tensor]:
@@ -95,11 +101,12 @@ def _worker(out_dir: Path) -> None:
     teacher_ref = weakref.ref(next(iter(controller.layers.values())).teacher_weight)
     ddp = DDP(model)
     steps: list = []
-    _train(ddp, controller, batches, steps)
+    blocker = _train(ddp, controller, batches, steps)
     check_in_sync(controller, model, buffers=True)
     result = {"ddp": {"params": _full_state(model), "alive": steps,
                       "stats": controller.stats(), "ignored": ignored,
-                      "teacher_released": teacher_ref() is None}}
+                      "teacher_released": teacher_ref() is None,
+                      "blocker": blocker, "events": controller.compaction_events}}
 
     # broadcast_controller: make rank 1 disagree, then take rank 0's decisions
     if rank == 1:
@@ -129,10 +136,11 @@ def _worker(out_dir: Path) -> None:
     fully_shard(model, mesh=mesh)
     sharded = type(controller.layers["blocks.0.up"].mask).__name__
     steps = []
-    _train(model, controller, batches, steps)
+    blocker = _train(model, controller, batches, steps)
     check_in_sync(controller, model)
     result["fsdp2"] = {"params": _full_state(model), "alive": steps,
-                       "stats": controller.stats(), "mask_type": sharded}
+                       "stats": controller.stats(), "mask_type": sharded,
+                       "blocker": blocker, "events": controller.compaction_events}
 
     # export: gather a full state dict to rank 0, load it into an unsharded model
     # prepared the same way (controller state first: the teachers are freed), finalize
@@ -191,7 +199,8 @@ def single_process():
              for a, b in zip(_batches(0), _batches(1))]
     steps: list = []
     _train(model, controller, union, steps)
-    return {"params": _full_state(model), "alive": steps, "stats": controller.stats()}
+    return {"params": _full_state(model), "alive": steps, "stats": controller.stats(),
+            "stored": controller.stored_ranks(), "events": controller.compaction_events}
 
 
 def _assert_ranks_identical(r0: dict, r1: dict) -> None:
@@ -204,9 +213,18 @@ def _assert_ranks_identical(r0: dict, r1: dict) -> None:
     assert r0["stats"] == r1["stats"]
 
 
+def _stored_part(name: str, p: torch.Tensor, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The ranks a compacted layer kept, out of a parameter that stores every rank."""
+    layer, _, kind = name.rpartition(".")
+    if layer not in stored or kind not in ("U", "mask", "V"):
+        return p
+    return p.index_select(1 if kind == "U" else 0, stored[layer])
+
+
 def _assert_matches_single_process(run: dict, ref: dict) -> None:
     for name, p in ref["params"].items():
-        torch.testing.assert_close(run["params"][name], p, rtol=1e-4, atol=1e-5,
+        got = _stored_part(name, run["params"][name], ref["stored"])
+        torch.testing.assert_close(got, p, rtol=1e-4, atol=1e-5,
                                    msg=lambda m, n=name: f"{n}: {m}")
     for step, (a, b) in enumerate(zip(run["alive"], ref["alive"]), 1):
         for layer in a:
@@ -230,6 +248,22 @@ def test_ranks_agree_and_budget_met(ranks, kind):
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
 def test_matches_single_process(ranks, single_process, kind):
     _assert_matches_single_process(ranks[0][kind], single_process)
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("ddp", "torch.distributed is initialised"),
+                                              ("fsdp2", "sharded (FSDP2")])
+def test_no_compaction_under_ddp_and_fsdp2(ranks, single_process, kind, reason):
+    for r in ranks:
+        run = r[kind]
+        assert reason in run["blocker"] and run["events"] == 0
+        for name, p in run["params"].items():  # every rank still stored, at full size
+            assert p.shape == ranks[0][kind]["params"][name].shape
+        for layer, alive in run["alive"][-1].items():
+            assert run["params"][f"{layer}.mask"].shape == alive.shape
+    # the single process compacted to exactly the ranks the distributed runs keep alive
+    assert single_process["events"] >= 1
+    for layer, alive in ranks[0][kind]["alive"][-1].items():
+        assert torch.equal(single_process["stored"][layer], alive.nonzero().flatten())
 
 
 def test_fsdp2_shards_the_student(ranks):
