@@ -55,6 +55,7 @@ from .pipelines import (
 from .prepare import prepare
 from .report import CompressionReport, LayerReport, compression_report
 from .schedules import ScheduleError, blend_scales, budget_fraction, l1_weight
+from .summary import compression_summary, print_compression_summary
 from .targets import TargetInfo, find_targets
 from .training import RunResult, TrainResult, train
 
@@ -85,6 +86,7 @@ __all__ = [
     "compress_then_finetune",
     "compress_to_budget",
     "compression_report",
+    "compression_summary",
     "dense_finetune",
     "finalize",
     "find_targets",
@@ -97,6 +99,7 @@ __all__ = [
     "load_compressed",
     "merge_and_unload",
     "prepare",
+    "print_compression_summary",
     "read_checkpoint",
     "read_metadata",
     "run_tunecomp",
