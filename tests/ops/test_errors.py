@@ -158,3 +158,16 @@ def test_new_alpha_between_forward_and_backward_uses_the_forward_alpha():
     layer.teacher_scale, layer.student_scale = 0.75, 2.0  # e.g. controller.step() too early
     y.sum().backward()
     torch.testing.assert_close([x.grad, layer.U.grad], expected)
+
+
+def test_scale_buffers_survive_meta_device_loading():
+    # from_pretrained-style loading: built on meta, to_empty(), weights from a state_dict
+    src = MaskedLowRankLinear(8, 6, 4)
+    with torch.device("meta"):
+        layer = MaskedLowRankLinear(8, 6, 4)
+    layer.student_scale = 0.5
+    layer.to_empty(device="cpu")
+    layer.load_state_dict(src.state_dict())
+    assert float(layer.student_scale_tensor) == 0.5 and float(layer.teacher_scale_tensor) == 0
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), 0.5 * src(x))

@@ -165,12 +165,18 @@ class MaskedLowRankLinear(nn.Module):
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
         super()._apply(fn, recurse)
         # .half() / .to(torch.bfloat16) would round the scales (0.3 -> 0.2998): keep fp32.
+        # to_empty() (meta-device loading) leaves them uninitialised, and they are not in
+        # the state_dict: refill them from the float values every time.
         for name, value in (("teacher_scale_tensor", self._teacher_scale),
                             ("student_scale_tensor", self._student_scale)):
             buf = self._buffers.get(name)
-            if buf is not None and buf.dtype not in (torch.float32, torch.float64):
-                self._buffers[name] = torch.full((), value, dtype=torch.float32,
-                                                 device=buf.device)
+            if buf is None:
+                continue
+            if buf.dtype not in (torch.float32, torch.float64):
+                buf = self._buffers[name] = torch.empty((), dtype=torch.float32,
+                                                        device=buf.device)
+            with torch.no_grad():
+                buf.fill_(value)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
