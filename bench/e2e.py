@@ -16,11 +16,17 @@ Methods (all at the same batch × sequence length):
     advanced to mid-blend (α ≈ 0.29) first; each step adds ``controller.regularization``
     and calls ``controller.step()``.
 ``train_after``
-    TuneComp after the teacher is dropped, as the library runs it today: ``prepare``, then
+    TuneComp after the teacher is dropped, as the library runs it: ``prepare``, then
     two ``controller.step()`` calls with ``blend_steps = prune_end = 2`` free the teacher
-    and prune the masks to the 50 % budget (magnitude scores, no training). Pruned ranks
-    are zero in the mask but still stored and computed (the controller does not compact
-    during training), so this costs as much as the full-size student.
+    and prune the masks to the 50 % budget (magnitude scores, no training). The training
+    optimiser is attached to the controller (as ``train`` and the callbacks do), so the
+    next ``controller.step()`` (before timing) compacts the pruned ranks away during
+    training: U, mask, V and the AdamW state shrink in place. No ``finalize``: the
+    controller keeps running every step.
+``train_after_masked``
+    The same with ``compact_during_training=False``: pruned ranks are zero in the mask
+    but still stored and computed, so this costs as much as the full-size student (the
+    library before compaction during training).
 ``train_after_compact``
     The same state compacted: ``finalize`` (drops zero ranks, folds the mask into U,
     turns layers that are not smaller back to dense) and the masks made trainable again;
@@ -74,7 +80,8 @@ from _util import (  # noqa: E402
     write_json,
 )
 
-TRAIN_METHODS = ("train_dense", "train_joint", "train_after", "train_after_compact")
+TRAIN_METHODS = ("train_dense", "train_joint", "train_after", "train_after_masked",
+                 "train_after_compact")
 INFER_METHODS = ("infer_dense", "infer_compressed", "infer_compiled")
 TARGET_RATIO = 0.5
 MID_BLEND = 20  # joint runs are advanced to t = 20 of blend_steps = 40 (α ≈ 0.29)
@@ -124,12 +131,13 @@ def make_batch(vocab: int, kind: str, batch: int, seq: int, seed: int = 1) -> di
     return out
 
 
-def bring_to_budget(model, init_rank_ratio: float):
+def bring_to_budget(model, init_rank_ratio: float, compact: bool = True):
     """prepare + two controller steps: teacher freed, masks pruned to the 50 % budget."""
     from tunecomp_kernels.compress import TuneCompConfig, prepare
 
     cfg = TuneCompConfig(target_ratio=TARGET_RATIO, init_rank_ratio=init_rank_ratio,
-                         blend_steps=2, prune_end=2, total_steps=1000)
+                         blend_steps=2, prune_end=2, total_steps=1000,
+                         compact_during_training=compact)
     controller = prepare(model, cfg)
     for _ in range(2):
         controller.step()
@@ -137,11 +145,22 @@ def bring_to_budget(model, init_rank_ratio: float):
     return controller
 
 
-def time_training(model, batch, steps: int, controller=None) -> dict:
+def start_optimizer(model, controller=None):
+    """AdamW over the trainable parameters, attached to the controller. After the blend,
+    one controller step then compacts the ranks pruned so far (when the config compacts);
+    the returned parameter list is taken after that."""
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    if controller is not None:
+        controller.attach_optimizer(opt)
+        if controller.teacher_freed:
+            controller.step()
+    return opt, [p for p in model.parameters() if p.requires_grad]
+
+
+def time_training(model, batch, steps: int, controller=None) -> dict:
+    opt, params = start_optimizer(model, controller)
     model.train()
     step_times, controller_times = [], []
     gc.collect()
@@ -221,8 +240,8 @@ def setup_training(model, method: str, init_rank_ratio: float, result: dict):
         for _ in range(MID_BLEND):
             controller.step()
         result["alpha"] = controller.alpha
-    elif method in ("train_after", "train_after_compact"):
-        controller = bring_to_budget(model, init_rank_ratio)
+    elif method in ("train_after", "train_after_masked", "train_after_compact"):
+        controller = bring_to_budget(model, init_rank_ratio, method == "train_after")
         result["ratio"] = controller.ratio
         if method == "train_after_compact":
             from tunecomp_kernels import MaskedLowRankLinear
@@ -291,8 +310,10 @@ def run_interleaved(spec: dict) -> dict:
             batch = make_batch(vocab, kind, spec["batch"], spec["seq"])
             info[label] = {}
             controller = setup_training(model, method, float(ratio or 1.0), info[label])
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-5)
+            opt, params = start_optimizer(model, controller)
+            if controller is not None:
+                info[label]["stored_ranks_timed"] = sum(
+                    m.rank for m in controller.layers.values())
             model.train()
 
             def step(model=model, batch=batch, opt=opt, controller=controller):
@@ -382,7 +403,8 @@ def method_specs(args) -> list[dict]:
         method, _, own_ratio = item.partition("@")
         if method not in TRAIN_METHODS + INFER_METHODS:
             raise SystemExit(f"unknown method {method!r}")
-        if method in ("train_joint", "train_after", "train_after_compact"):
+        if method in ("train_joint", "train_after", "train_after_masked",
+                      "train_after_compact"):
             ratios = own_ratio or args.init_rank_ratios
             for ratio in (float(r) for r in ratios.split(",")):
                 specs.append({**base, "method": method, "init_rank_ratio": ratio,

@@ -8,7 +8,9 @@ warning). Then, for every converted layer:
 
 * the teacher is dropped (with ``allow_partial``, the teacher's share α_t is discarded
   and the student is used alone at scale 1);
-* pruned ranks (mask exactly 0) are removed (``compact``);
+* pruned ranks (mask exactly 0) are removed (``compact``); those the controller already
+  compacted away during training (:mod:`.compaction`) are gone, so the result is the
+  same either way;
 * the mask is folded into U (``U ← U·diag(mask)``), the mask becomes a frozen vector of
   ones (``requires_grad=False``) and the student scale becomes 1, so the layer computes
   ``x Vᵀ Uᵀ + b`` — two small matmuls;

@@ -19,6 +19,14 @@ How TuneComp runs data-parallel:
   tells DDP to leave them alone; it then also holds no reference to them, so the
   teachers' memory is released when the blend ends.
 
+* Compaction during training (:mod:`tunecomp_kernels.compress.compaction`) stays off
+  while ``torch.distributed`` is initialised: DDP sizes its gradient buckets and FSDP2 its
+  shards when the model is wrapped, so parameters must keep their shapes. Pruned ranks
+  stay stored there, masked to 0 (as in a run with ``compact_during_training=False``),
+  and ``finalize`` removes them; ``controller.compaction_blocker`` says so. A checkpoint
+  of a compacted single-process run still loads: load the controller state before
+  wrapping or sharding the model.
+
 These helpers work with any backend (NCCL on GPUs, gloo on CPUs).
 """
 
@@ -79,12 +87,16 @@ def _digest(t: torch.Tensor) -> str:
 
 
 def controller_fingerprint(controller: Any) -> dict[str, Any]:
-    """What must agree across ranks: step, blend state, budget and the alive ranks."""
+    """What must agree across ranks: step, blend state, budget, the alive ranks and the
+    ranks the layers store."""
     alive = controller.alive_masks()
+    stored = controller.stored_ranks() if hasattr(controller, "stored_ranks") else {}
     h = hashlib.sha256()
     for name in sorted(alive):
         h.update(name.encode())
         h.update(alive[name].to(torch.uint8).numpy().tobytes())
+        if name in stored:
+            h.update(stored[name].to(torch.int64).numpy().tobytes())
     return {"step": controller.step_count, "teacher_freed": controller.teacher_freed,
             "budget_params": controller.budget_params, "start_params": controller.start_params,
             "current_params": controller.current_params, "alive_sha256": h.hexdigest()}
