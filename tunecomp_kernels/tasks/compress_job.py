@@ -23,6 +23,9 @@ from typing import Any
 from . import settings as st
 
 PROG = "tunecomp compress"
+#: What a --quick run was measured to take (README, "The main job").
+QUICK_MEASURED = ("measured: 8 minutes on 2 CPU cores busy with other jobs; 305 s of CPU "
+                  "time, so about 2.5 minutes on 2 free cores")
 _FIELDS = {f.name: f for f in dataclasses.fields(st.JobSettings)}
 _SIZES = ("train_size", "val_size", "test_size")
 _METAVARS = {int: "N", float: "X", str: "NAME"}
@@ -80,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             groups[group_name].add_argument(
                 "--quick", action="store_true",
                 help="a smoke run: " + (st.quick.__doc__ or "").split(": ", 1)[-1].rstrip(".")
-                + "; about 2 minutes on 2 CPU cores, the default about 5 (measured)")
+                + f"; {QUICK_MEASURED}")
 
 
 def _translate(message: str, leading: str | None = None) -> str:

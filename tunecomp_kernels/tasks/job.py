@@ -223,6 +223,9 @@ def run_job(s: JobSettings, paths: run_dir.RunPaths, state: JobState | None = No
           f"{s.init_rank_ratio:g} of full rank, blend {s.blend} over "
           f"{config.resolve_schedule(s.steps).blend_steps} of {s.steps} steps, lr {s.lr:g}, "
           f"batch {s.batch_size}", flush=True)
+    say(f"factoring the block linears ({s.init}), then training"
+        + (f"; a checkpoint every {s.checkpoint_every} steps in {paths.checkpoints}"
+           if s.checkpoint_every else ""))
     result, curve = _train(s, setup, "tunecomp", paths, state)
     train_seconds = time.perf_counter() - started
     dense_row["params"] = result.controller.original_params
