@@ -87,3 +87,15 @@ def test_second_derivatives_name_the_cause():
         torch.func.hessian(lambda x: layer(x).sum())(torch.randn(8))
     with pytest.raises(NotImplementedError, match="masked_lowrank_linear has no second"):
         grad(lambda x: grad(lambda z: layer(z).square().sum())(x).sum())(torch.randn(8))
+
+
+def test_forward_mode_ad_outside_torch_func():
+    layer = make_layer("torch")
+    x, tangent = torch.randn(3, 8), torch.randn(3, 8)
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        out = layer(fwad.make_dual(x, tangent))
+        got = fwad.unpack_dual(out).tangent
+    torch.testing.assert_close(got, tangent @ jacrev(layer)(x[0]).t())
+

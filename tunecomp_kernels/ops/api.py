@@ -7,7 +7,7 @@ import torch
 from .backends import resolve_backend
 from .contract import scale_dtype
 from .cuda_tables import shape_key as _shape_key
-from .transforms import FunctorchFunction, functorch_active
+from .transforms import functorch_active, functorch_function
 from .validation import check_inputs
 
 
@@ -59,8 +59,7 @@ def masked_lowrank_linear(
     op = getattr(torch.ops.tunecomp, f"masked_lowrank_{name}")
     args = (x, U, mask, V, bias, teacher_weight, teacher_bias, a, s)
     if functorch_active():  # torch.func.grad & co. cannot run a custom op's own autograd
-        bwd = getattr(torch.ops.tunecomp, f"masked_lowrank_{name}_backward")
-        y, _t = FunctorchFunction.apply(op, bwd, *args)
+        y, _t = functorch_function(name).apply(*args)
     else:
         y, _t = op(*args)
     return y

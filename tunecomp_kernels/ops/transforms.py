@@ -15,7 +15,7 @@ batch), runs the op once per batch element and stacks the results.
 
 torch.func (grad, vjp, jacrev, vmap of those): the autograd that ``register_autograd``
 generates for a custom op cannot run under functorch transforms, so while one is active
-the public function calls the op pair through :class:`FunctorchFunction`, an
+the public function calls the op pair through :func:`functorch_function`, an
 ``autograd.Function`` with ``setup_context`` whose vmap rule PyTorch generates from the
 ops' own vmap rules, with a forward-mode rule (jvp, jacfwd) built from op calls. Second
 derivatives (grad of grad, hessian) are not supported and raise NotImplementedError.
@@ -90,96 +90,122 @@ def _register_vmap(fwd_name: str, bwd_name: str) -> None:
     torch.library.register_vmap(bwd_name, backward_rule)
 
 
-class FunctorchFunction(torch.autograd.Function):
-    """The op pair as an ``autograd.Function`` usable under torch.func transforms.
+def _make_backward_function(bwd) -> type[torch.autograd.Function]:  # noqa: ANN001
+    """The backward op as an ``autograd.Function`` (its own generated autograd cannot run
+    under torch.func); differentiating it again raises, as it does outside torch.func."""
 
-    ``apply(fwd_op, bwd_op, x, U, mask, V, bias, teacher_weight, teacher_bias,
-    teacher_scale, student_scale) -> (y, t)``, with the ops' own schema and gradients."""
+    class BackwardFunction(torch.autograd.Function):
+        generate_vmap_rule = True
 
-    generate_vmap_rule = True
+        @staticmethod
+        def forward(needs_bits, *args):  # noqa: ANN001, ANN205
+            return bwd(*args, [bool(needs_bits >> i & 1) for i in range(5)])
 
-    @staticmethod
-    def forward(fwd_op, bwd_op, *args):  # noqa: ANN001, ANN205
-        return fwd_op(*args)
+        @staticmethod
+        def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
+            pass
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
-        _fwd, bwd_op, x, U, mask, V, bias, teacher_weight, _tb, a, s = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x, U, mask, V, output[1], teacher_weight, a.detach().clone(),
-                              s.detach().clone())  # the layer's buffers change in place
-        ctx.bwd_op = bwd_op
-        ctx.fwd_op = _fwd
-        ctx.has_bias = bias is not None
-        ctx.saved_for_jvp = (x, U, mask, V, teacher_weight, a, s)
+        @staticmethod
+        def backward(ctx, *grads):  # noqa: ANN001, ANN205
+            raise NotImplementedError(_NO_SECOND_DERIVATIVE)
 
-    @staticmethod
-    def backward(ctx, grad_y, _grad_t):  # noqa: ANN001, ANN205
-        x, U, mask, V, t, teacher_weight, a, s = ctx.saved_tensors
-        needs = [bool(n) for n in ctx.needs_input_grad[2:7]]
-        needs[4] = needs[4] and ctx.has_bias
-        if not any(needs):
-            return (None,) * 11
-        bits = sum(1 << i for i, n in enumerate(needs) if n)  # an int: not a pytree of bools
-        grads = _BackwardFunction.apply(ctx.bwd_op, bits, grad_y.contiguous(), x, U, mask, V,
-                                        t, teacher_weight, a, s)
-        return (None, None, *(g if n else None for g, n in zip(grads, needs)),
-                None, None, None, None)
+        @staticmethod
+        def jvp(ctx, *tangents):  # noqa: ANN001, ANN205
+            raise NotImplementedError(_NO_SECOND_DERIVATIVE)
 
-    @staticmethod
-    def jvp(ctx, _fwd_t, _bwd_t, x_t, U_t, mask_t, V_t, bias_t, *_frozen_t):  # noqa: ANN001, ANN205
-        """Forward-mode AD: the op is linear in each of x, U, mask, V and bias, so the output
-        tangent is a sum of op calls with one tangent each. The teacher and the scales are
-        frozen, as in the backward: their tangents are ignored."""
-        fwd, x, U, mask, V, w0, a, s = ctx.fwd_op, *ctx.saved_for_jvp
-        no_teacher = torch.zeros_like(a)
-        terms = []
-        if x_t is not None:  # the teacher term is linear in x too
-            terms.append(fwd(x_t, U, mask, V, None, w0, None, a, s)[0])
-        for tangent_args in ((x, U_t, mask, V), (x, U, mask_t, V), (x, U, mask, V_t)):
-            if all(t is not None for t in tangent_args):
-                terms.append(fwd(*tangent_args, None, None, None, no_teacher, s)[0])
-        y_t = sum(terms) if terms else None
-        if bias_t is not None:
-            y_t = (bias_t * s).to(x.dtype) if y_t is None else y_t + (bias_t * s).to(x.dtype)
-        return y_t, None
+    return BackwardFunction
 
 
-class _BackwardFunction(torch.autograd.Function):
-    """The backward op under torch.func (its own generated autograd cannot run there);
-    differentiating it again raises, as it does outside torch.func."""
+def _jvp(fwd, saved, x_t, U_t, mask_t, V_t, bias_t, *_frozen_t):  # noqa: ANN001, ANN202
+    """Forward-mode AD: the op is linear in each of x, U, mask, V and bias, so the output
+    tangent is a sum of op calls with one tangent each. The teacher and the scales are
+    frozen, as in the backward: their tangents are ignored."""
+    x, U, mask, V, w0, a, s = saved
+    terms = []
+    if x_t is not None:  # the teacher term is linear in x too
+        terms.append(fwd(x_t, U, mask, V, None, w0, None, a, s)[0])
+    no_teacher = torch.zeros_like(a)
+    for tangent_args in ((x, U_t, mask, V), (x, U, mask_t, V), (x, U, mask, V_t)):
+        if all(t is not None for t in tangent_args):
+            terms.append(fwd(*tangent_args, None, None, None, no_teacher, s)[0])
+    if bias_t is not None:
+        terms.append((bias_t * s).to(x.dtype).expand(*x.shape[:-1], -1))
+    return sum(terms) if terms else None
 
-    generate_vmap_rule = True
 
-    @staticmethod
-    def forward(bwd_op, needs_bits, *args):  # noqa: ANN001, ANN205
-        return bwd_op(*args, [bool(needs_bits >> i & 1) for i in range(5)])
+def _make_functions(fwd, bwd) -> type[torch.autograd.Function]:  # noqa: ANN001
+    """The op pair as ``autograd.Function``s usable under torch.func transforms. The ops
+    are closed over (torch.compile cannot call an op stored on ctx, nor look one up by a
+    traced name)."""
+    BackwardFunction = _make_backward_function(bwd)  # noqa: N806  (a class)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
-        pass
+    class FunctorchFunction(torch.autograd.Function):
+        """``apply(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale,
+        student_scale) -> (y, t)``, with the ops' own schema and gradients."""
 
-    @staticmethod
-    def backward(ctx, *grads):  # noqa: ANN001, ANN205
-        raise NotImplementedError(_NO_SECOND_DERIVATIVE)
+        generate_vmap_rule = True
 
-    @staticmethod
-    def jvp(ctx, *tangents):  # noqa: ANN001, ANN205
-        raise NotImplementedError(_NO_SECOND_DERIVATIVE)
+        @staticmethod
+        def forward(*args):  # noqa: ANN002, ANN205
+            return fwd(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
+            x, U, mask, V, bias, teacher_weight, _tb, a, s = inputs
+            ctx.mark_non_differentiable(output[1])
+            ctx.save_for_backward(x, U, mask, V, output[1], teacher_weight,
+                                  a.detach().clone(), s.detach().clone())  # buffers change
+            ctx.has_bias = bias is not None
+            ctx.saved_for_jvp = (x, U, mask, V, teacher_weight, a, s)
+
+        @staticmethod
+        def backward(ctx, grad_y, _grad_t):  # noqa: ANN001, ANN205
+            x, U, mask, V, t, teacher_weight, a, s = ctx.saved_tensors
+            needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+            needs[4] = needs[4] and ctx.has_bias
+            if not any(needs):
+                return (None,) * 9
+            bits = sum(1 << i for i, n in enumerate(needs) if n)  # an int, not a pytree
+            grads = BackwardFunction.apply(bits, grad_y.contiguous(), x, U, mask, V, t,
+                                           teacher_weight, a, s)
+            return (*(g if n else None for g, n in zip(grads, needs)), None, None, None, None)
+
+        @staticmethod
+        def jvp(ctx, *tangents):  # noqa: ANN001, ANN205
+            return _jvp(fwd, ctx.saved_for_jvp, *tangents), None
+
+    return FunctorchFunction
 
 
 _NO_SECOND_DERIVATIVE = (
     "masked_lowrank_linear has no second derivative: gradients of its gradients (double "
     "backward, grad of grad, hessian) are not supported")
+_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+
+
+def functorch_function(backend: str) -> type[torch.autograd.Function]:
+    """The ``autograd.Function`` form of backend ``backend``'s ops (for torch.func and
+    forward-mode AD)."""
+    return _FUNCTIONS[backend]
 
 
 def functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, ...) is active around this call."""
-    return (not torch.compiler.is_compiling()
-            and torch._C._functorch.peek_interpreter_stack() is not None)
+    """Whether a torch.func transform (grad, vmap, ...) or forward-mode AD
+    (``torch.autograd.forward_ad``) is active around this call: the custom op's own
+    autograd supports neither."""
+    if torch.compiler.is_compiling():
+        # Dynamo answers peek_interpreter_stack() with a non-None value even outside any
+        # transform; torch.func inside torch.compile is not supported (see the README).
+        return False
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0)
 
 
 def register_transforms(fwd_name: str, bwd_name: str) -> None:
-    """Register the autocast rule (forward op) and the vmap rules (both ops)."""
+    """Register the autocast rule (forward op), the vmap rules (both ops) and the
+    ``autograd.Function`` form of the pair (:func:`functorch_function`)."""
     _register_autocast(fwd_name)
     _register_vmap(fwd_name, bwd_name)
+    ops = torch.ops.tunecomp
+    _FUNCTIONS[fwd_name.split("::")[1].removeprefix("masked_lowrank_")] = _make_functions(
+        getattr(ops, fwd_name.split("::")[1]), getattr(ops, bwd_name.split("::")[1]))
