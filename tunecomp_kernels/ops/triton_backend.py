@@ -55,9 +55,11 @@ before compaction, zero-mask ranks are still computed: their dmask is part of th
 contract.
 
 Dtypes: fp32, fp16 and bf16 run in the kernels with fp32 accumulation (fp32 dots use
-IEEE fp32 unless ``torch.set_float32_matmul_precision`` allows TF32). float64 (used by
-gradcheck), r = 0 and problems whose offsets overflow int32 are served by the
-reference math inside the same op.
+IEEE fp32 unless ``torch.set_float32_matmul_precision`` allows TF32). The intermediates
+t and h stay fp32 between and inside the kernels; the products that read them run on
+fp32 operands, TF32 for half inputs (``_wide_precision``; why:
+:mod:`.triton_kernels.forward`). float64 (used by gradcheck), r = 0 and problems whose
+offsets overflow int32 are served by the reference math inside the same op.
 Atomic reductions (split-K, dmask, dbias, fused dU) make results run-to-run
 nondeterministic in the last bits.
 """
@@ -94,7 +96,8 @@ DECODE_MAX_N = TRITON_DECODE_MAX_N
 #: row tile adds a full [O, r] fp32 partial atomically, which beats re-reading dy
 #: (N·O 16-bit values) only while there are very few row tiles: the decode regime,
 #: where saving a launch matters most. r = 128 is the widest rank slice for which
-#: ``python -m bench.compile_check`` shows spill-free fused-dU configs on sm_90.
+#: ``python -m bench.compile_check`` showed spill-free fused-dU configs on sm_90 (measured
+#: when t·mask was a 16-bit operand; it is fp32 now, so re-check on a GPU).
 FUSE_DU_MAX_N = 64
 FUSE_DU_MAX_R = 128
 

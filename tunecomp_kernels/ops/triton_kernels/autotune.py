@@ -177,13 +177,14 @@ def fused_forward_registers(c: triton.Config, meta: dict) -> float:
 
 def dy_registers(c: triton.Config, meta: dict) -> float:
     """dy kernel: g [BLOCK_M, BLOCK_R] fp32 values per thread; the fused dU adds its
-    [BLOCK_O, BLOCK_R] fp32 partial and the 16-bit ``t·mask`` operand."""
+    [BLOCK_O, BLOCK_R] fp32 partial and the fp32 ``t·mask`` operand (kept fp32 so that it
+    cannot overflow fp16; see :mod:`.forward`)."""
     k = c.kwargs
     bm, bo = k["BLOCK_M"], k["BLOCK_O"]
     block_r = int(meta.get("BLOCK_R", 64))
     regs = bm * block_r
     if meta.get("FUSE_DU", False):
-        regs += bo * block_r + bm * block_r / 2
+        regs += bo * block_r + bm * block_r
     return regs / (32 * c.num_warps)
 
 
