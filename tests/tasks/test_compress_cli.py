@@ -296,3 +296,30 @@ def test_run_says_what_it_is_doing(bert_dir, rows_csv, tmp_path, capsys):
                   "evaluating the compressed model", "timing both models", "saving to"):
         assert f"{stage}" in out
     assert "step 2/2: loss" in out and ", 1 thread\n" in out  # conftest: one thread
+
+
+def test_real_ctrl_c_exits_130_with_one_line(bert_dir, rows_csv, tmp_path):
+    """A real SIGINT to the command's process: no traceback, status 130, a checkpoint."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    argv = compress_argv(bert_dir, rows_csv, out, "--eval-every", "1", "--checkpoint-every",
+                         "3", "--threads", "1", steps=100_000)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "tunecomp_kernels.cli", *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 4/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    err = err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"--output {out} --resume" in err
+    assert list((tmp_path / ".run.tunecomp-run" / "tunecomp").glob("ckpt-*.pt"))
