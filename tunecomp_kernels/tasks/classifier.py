@@ -116,7 +116,7 @@ def linear_schedule(steps: int, warmup_ratio: float = 0.06):
     return factor
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float = 0.06):
+def make_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float):
     """A ``LambdaLR`` with :func:`linear_schedule` over ``steps`` (one training phase)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(steps, warmup_ratio))
 

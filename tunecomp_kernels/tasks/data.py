@@ -104,24 +104,22 @@ def _read_rows(path: Path) -> tuple[list[str], Iterator[dict]]:
                 yield from reader
 
         return columns, rows()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        records = []
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}:{lineno}: each line must be a JSON object")
-                records.append(record)
-        columns: list[str] = []
-        for record in records:
-            columns.extend(k for k in record if k not in columns)
-        return columns, iter(records)
-    raise AssertionError(suffix)  # SUFFIXES lists only the types handled above
+    records = []  # .jsonl, .json, .ndjson: one JSON object per line
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object")
+            records.append(record)
+    columns: list[str] = []
+    for record in records:
+        columns.extend(k for k in record if k not in columns)
+    return columns, iter(records)
 
 
 def unsupported_type(path: Path) -> str | None:
@@ -252,12 +250,24 @@ def resolve_sizes(
     train: int | None,
     val: int | None,
     test: int | None,
-    default_train: int = 4000,
-    default_val: int = 1000,
-    default_test: int = 2000,
+    default_train: int | None = None,
+    default_val: int | None = None,
+    default_test: int | None = None,
 ) -> tuple[int, int, int]:
-    """Fill in split sizes left as ``None``: the defaults, shrunk to 80/10/10 of what there
-    is when the data set is smaller. Sizes the caller gave are kept, and must fit."""
+    """Fill in split sizes left as ``None``: the defaults (those of
+    :attr:`~.settings.JobSettings.split_sizes` unless given), shrunk to 80/10/10 of what
+    there is when the data set is smaller. Sizes the caller gave are kept, and must fit.
+
+    Raises:
+        DataError: a size < 1, or more rows asked for than ``available``.
+    """
+    if None in (default_train, default_val, default_test):
+        from .settings import full
+
+        sizes = full().split_sizes
+        default_train = sizes[0] if default_train is None else default_train
+        default_val = sizes[1] if default_val is None else default_val
+        default_test = sizes[2] if default_test is None else default_test
     for name, value in (("train", train), ("val", val), ("test", test)):
         if value is not None and value < 1:
             raise DataError(f"{name}_size must be >= 1, got {value}")

@@ -100,10 +100,11 @@ def setup_task(
     test_size: int | None = None,
     split_seed: int = 0,
     max_length: int = 64,
-    default_sizes: Sequence[int] = (4000, 1000, 2000),
+    default_sizes: Sequence[int | None] = (None, None, None),
 ) -> TaskSetup:
     """Load, filter, split (seeded, stratified) and tokenise; check the model directory
-    and find its padding token.
+    and find its padding token. Sizes left as None are ``default_sizes`` (None: the
+    job's, see :func:`~.data.resolve_sizes`).
 
     Raises:
         DataError: a problem with the data or the model directory (one line).
