@@ -94,9 +94,10 @@ def _translate(message: str, leading: str | None = None) -> str:
         flag = flag_of(name)
         if flag is None:
             continue
-        message = re.sub(rf"\b{name}=True \({flag}\)", flag, message)
-        message = re.sub(rf"\b{name}=True\b", flag, message)
-        message = re.sub(rf"\b{name}=", f"{flag}=", message)
+        word = rf"(?<![-\w]){name}"  # not inside a longer name or an existing flag
+        message = re.sub(rf"{word}=True \({flag}\)", flag, message)
+        message = re.sub(rf"{word}=True\b", flag, message)
+        message = re.sub(rf"{word}=", f"{flag}=", message)
         if "_" in name:
             message = re.sub(rf"(?<![-\w]){name}\b", flag, message)
     return message
