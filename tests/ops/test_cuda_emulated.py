@@ -267,32 +267,34 @@ def test_emulated_empty_batch_and_empty_features(emu, path):
     assert bool((grads[1] == 0).all()) and bool((grads[2] == 0).all())
 
 
-def _extreme(n, kind, teacher, seed=0):
+def _extreme(n, kind, teacher, dtype=torch.float16, seed=0):
     """fp16 inputs whose intermediates leave the fp16 range (tests/ops/test_half_range.py):
     "large" t = x·Vᵀ ~ 4e5 with h ~ 4e-6, "small" t ~ 4e-6; y and every gradient in range."""
     g = torch.Generator().manual_seed(seed)
     big, small = (300.0, 1e-3) if kind == "large" else (1e-3, 300.0)
 
     def rnd(*shape, scale):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).half()
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
     inp = {"x": rnd(n, 16, scale=big), "U": rnd(12, 4, scale=small),
-           "mask": torch.ones(4, dtype=torch.float16), "V": rnd(4, 16, scale=big),
+           "mask": torch.ones(4, dtype=dtype), "V": rnd(4, 16, scale=big),
            "bias": rnd(12, scale=1.0),
            "W0": rnd(12, 16, scale=1.0 / big) if teacher else None,
            "b0": rnd(12, scale=1.0) if teacher else None}
-    dy = torch.full((n, 12), 1e-3 if kind == "large" else 16.0, dtype=torch.float16)
+    dy = torch.full((n, 12), 1e-3 if kind == "large" else 16.0, dtype=dtype)
     return inp, dy
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("teacher", [False, True], ids=["student", "blend"])
 @pytest.mark.parametrize("kind", ["large", "small"])
 @pytest.mark.parametrize("path,n", [(FUSED, 150), (SPLIT, 150), (DECODE, 8)],
                          ids=["fused", "split", "decode"])
-def test_emulated_half_intermediates_out_of_range(emu, path, n, kind, teacher):
+def test_emulated_half_intermediates_out_of_range(emu, path, n, kind, teacher, dtype):
     """The fp16 kernels range-scale t·s·mask and h before rounding them to fp16 (they used
-    to overflow to inf/NaN, or lose precision as subnormals); fp32-accumulation results."""
-    inp, dy = _extreme(n, kind, teacher)
+    to overflow to inf/NaN, or lose precision as subnormals); fp32-accumulation results.
+    bf16 has fp32's range and needs no scaling: the same inputs pass unscaled."""
+    inp, dy = _extreme(n, kind, teacher, dtype)
     a, s = (0.4, 0.7) if teacher else (0.0, 0.7)
     y, t, used = emu_forward(emu, inp["x"], inp["U"], inp["mask"], inp["V"], inp["bias"],
                              inp["W0"], inp["b0"], a, s, path, 4)
@@ -305,5 +307,5 @@ def test_emulated_half_intermediates_out_of_range(emu, path, n, kind, teacher):
     errors = {"y": rel_err(y, y_ref)}
     errors.update({name: rel_err(got, leaf.grad) for name, got, leaf
                    in zip(("dx", "dU", "dmask", "dV", "dbias"), grads, leaves)})
-    bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= TOLERANCE[torch.float16]}
-    assert not bad, f"{kind} path {path}: {bad}"
+    bad = {k: f"{v:.2e}" for k, v in errors.items() if not v <= TOLERANCE[dtype]}
+    assert not bad, f"{dtype} {kind} path {path}: {bad}"
