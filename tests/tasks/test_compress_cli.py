@@ -238,12 +238,16 @@ def test_numeric_labels_are_one_class_and_drops_are_reported(bert_dir, tmp_path,
 # --- 5.: Ctrl-C checkpoints; --resume gives the same model ------------------------------
 
 
-def test_interrupt_then_resume_gives_the_same_model(bert_dir, rows_csv, tmp_path,
-                                                    monkeypatch, capsys):
+@pytest.mark.parametrize("interrupt_in", ["tunecomp", "dense"])
+def test_interrupt_then_resume_gives_the_same_model(interrupt_in, bert_dir, rows_csv,
+                                                    tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the TuneComp phase, or in the --compare-dense phase before it."""
     from tunecomp_kernels.compress import training
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     extra = ("--checkpoint-every", "2", "--eval-every", "3")
+    if interrupt_in == "dense":
+        extra += ("--compare-dense",)
     assert main(compress_argv(bert_dir, rows_csv, whole, *extra, steps=6)) == 0
     expected = json.loads((whole / "summary.json").read_text())
     capsys.readouterr()
@@ -260,7 +264,8 @@ def test_interrupt_then_resume_gives_the_same_model(bert_dir, rows_csv, tmp_path
     assert main(compress_argv(bert_dir, rows_csv, parts, *extra, steps=6)) == 130
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "interrupted at step 4 of 6" in err and "checkpoint of step 4" in err
+    assert f"interrupted at step 4 of 6 ({interrupt_in})" in err
+    assert f"the {interrupt_in} phase's checkpoint of step 4" in err
     assert f"--output {parts} --resume" in err
     assert not parts.exists()
     monkeypatch.setattr(training._Loop, "optimizer_step", real)
@@ -277,6 +282,7 @@ def test_interrupt_then_resume_gives_the_same_model(bert_dir, rows_csv, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert got["test_predictions"] == expected["test_predictions"]
     assert got["val_curve"] == expected["val_curve"]
+    assert got["dense"].get("val") == expected["dense"].get("val")
     assert not (tmp_path / ".parts.tunecomp-run").exists()
 
 

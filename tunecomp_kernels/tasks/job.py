@@ -124,8 +124,7 @@ def _train(s: JobSettings, setup: TaskSetup, method: str, paths: run_dir.RunPath
            state: JobState):
     """One method under the shared plan, with the progress bar and checkpoints."""
     phase = "tunecomp" if method == "tunecomp" else "dense"
-    last = paths.last_checkpoint() if s.resume else None
-    initial = last[1] if last is not None and last[0] == phase else 0
+    initial = paths.last_step(phase) if s.resume else 0
     state.phase, state.step, state.total = phase, initial, s.steps
     bar = ProgressBar(s.steps, desc=phase, enabled=s.progress, initial=initial,
                       log_every=s.eval_every)

@@ -40,12 +40,16 @@ class RunPaths:
     def checkpoint_files(self) -> list[Path]:
         return [p for phase in PHASES for p in list_checkpoints(self.phase_dir(phase))]
 
+    def last_step(self, phase: str) -> int:
+        """The step of ``phase``'s newest checkpoint (0: none)."""
+        found = list_checkpoints(self.phase_dir(phase))
+        return int(found[-1].stem.split("-")[1]) if found else 0
+
     def last_checkpoint(self) -> tuple[str, int] | None:
         """(phase, step) of the newest checkpoint, None when there is none."""
         for phase in reversed(PHASES):
-            found = list_checkpoints(self.phase_dir(phase))
-            if found:
-                return phase, int(found[-1].stem.split("-")[1])
+            if self.last_step(phase):
+                return phase, self.last_step(phase)
         return None
 
 
