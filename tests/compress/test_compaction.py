@@ -342,3 +342,32 @@ def test_no_warning_on_a_normal_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _run("adamw", dtype=torch.float32)
+
+
+def test_reloading_an_earlier_checkpoint_into_a_more_compacted_model(tmp_path):
+    """Controller state first: ranks the model no longer stores come back (zeros, with
+    zero optimiser state) for the weights and optimiser state loaded next to fill."""
+    model, controller, opt = _resumable(tmp_path, blend_steps=2, prune_end=8)
+    sizes = []
+    kw = {"forward": forward_x, "loss_fn": ce_loss}
+    train(model, opt, vector_batches(3), controller=controller, steps=3, **kw,
+          callbacks=[lambda s: sizes.append(_sizes(controller))])
+    save_checkpoint(tmp_path / "early.pt", model, opt, controller)
+    early = {k: v.clone() for k, v in model.state_dict().items()}
+    early_state = {id(p): {k: v.clone() for k, v in opt.state[p].items()}
+                   for p in opt.param_groups[0]["params"]}
+    train(model, opt, vector_batches(STEPS), controller=controller, steps=STEPS - 3, **kw)
+    assert any(r < 18 for r, _ in sizes[-1].values())  # compacted by step 3 ...
+    assert any(m.rank < sizes[-1][n][0] for n, m in controller.layers.items())  # ... and more
+    load_checkpoint(tmp_path / "early.pt", model, opt, controller)
+    assert controller.step_count == 3
+    for name, m in controller.layers.items():
+        assert m.rank == sizes[-1][name][0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, early[k]), k
+    for p in opt.param_groups[0]["params"]:
+        for key, value in early_state[id(p)].items():
+            assert torch.equal(opt.state[p][key], value), key
+    # and the run goes on from there
+    train(model, opt, vector_batches(STEPS), controller=controller, steps=STEPS - 3, **kw)
+    _assert_alive_sized(controller, opt)
