@@ -192,8 +192,9 @@ class TuneCompController(LossTerms):
 
     def attach_optimizer(self, optimizer: Any) -> None:
         """Keep ``optimizer``'s state in step when pruned ranks are compacted away during
-        training (:mod:`.compaction`); until one is attached nothing is compacted.
-        Wrappers (accelerate, Lightning) are unwrapped. Attaching again is a no-op.
+        training (:mod:`.compaction`); until one is attached nothing is compacted. Attach
+        every optimiser that holds the layers' parameters. Wrappers (accelerate,
+        Lightning) are unwrapped; attaching again is a no-op; only a weak reference is kept.
 
         Raises:
             TypeError: not an optimiser. ValueError: ``LBFGS`` (flat state).
