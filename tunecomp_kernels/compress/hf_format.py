@@ -188,9 +188,15 @@ def has_tunecomp_layers(model: nn.Module) -> bool:
 
 
 def _is_exportable(model: nn.Module) -> bool:
-    """Whether :func:`~.export.save_compressed` takes ``model`` (finalized layers)."""
+    """Whether :func:`~.export.save_compressed` takes ``model`` (finalized layers) and no
+    live controller is still training it (a compacted model mid-run has finalized-looking
+    layers, but it is a training checkpoint)."""
     from . import export
+    from .controller import controller_of
 
+    controller = controller_of(model)
+    if controller is not None and not controller.finalized:
+        return False
     try:
         export._layer_table(model)
     except ValueError:

@@ -135,6 +135,51 @@ def check_feasible(infos: list[TargetInfo], config: TuneCompConfig) -> None:
         )
 
 
+def _calibration_stats(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    config: TuneCompConfig,
+    calibration: Iterable[Any] | None,
+    forward: Callable[[nn.Module, Any], Any],
+) -> dict[str, ActivationStats]:
+    """The targeted layers' input statistics, checked (empty without calibration data)."""
+    if config.needs_calibration and calibration is None:
+        why = (f"init={config.init!r}" if config.init != "svd" else "score='activation'")
+        raise ValueError(
+            f"{why} needs calibration data: prepare(model, config, calibration=batches)"
+        )
+    if isinstance(calibration, (Mapping, torch.Tensor)):
+        raise TypeError(
+            f"calibration must be an iterable of batches, got a single "
+            f"{type(calibration).__name__}; wrap one batch in a list: calibration=[batch]"
+        )
+    if calibration is None:
+        return {}
+    stats = collect_statistics(model, targets, calibration, gram=config.init == "svd_llm",
+                               forward=_calibration_forward(forward))
+    for name, s in stats.items():
+        if not (torch.isfinite(s.abs_sum).all() and torch.isfinite(s.sq_sum).all()):
+            raise ValueError(f"the calibration inputs of layer {name!r} contain NaN/inf")
+    return stats
+
+
+def _student(mod: nn.Module, info: TargetInfo, config: TuneCompConfig,
+             stats: ActivationStats | None) -> MaskedLowRankLinear:
+    """The low-rank student of one layer at the starting rank, its teacher attached and
+    its parameters trainable exactly where the original's were."""
+    full = min(info.in_features, info.out_features)
+    rank = min(full, max(config.min_rank, math.ceil(config.init_rank_ratio * full)))
+    layer = build_lowrank(mod, info, rank, config.init, stats, asvd_alpha=config.asvd_alpha,
+                          backend=config.backend)
+    if config.keeps_teacher:
+        layer.set_teacher(dense_weight(mod), getattr(mod, "bias", None))
+    for p_new in (layer.U, layer.V, layer.mask):
+        p_new.requires_grad_(mod.weight.requires_grad)
+    if layer.bias is not None and mod.bias is not None:
+        layer.bias.requires_grad_(mod.bias.requires_grad)
+    return layer
+
+
 def prepare(
     model: nn.Module,
     config: TuneCompConfig | None = None,
@@ -176,41 +221,11 @@ def prepare(
     check_feasible(list(infos.values()), config)
     check_finite(targets)
 
-    stats: dict[str, ActivationStats] = {}
-    if config.needs_calibration and calibration is None:
-        why = (f"init={config.init!r}" if config.init != "svd" else "score='activation'")
-        raise ValueError(
-            f"{why} needs calibration data: prepare(model, config, calibration=batches)"
-        )
-    if isinstance(calibration, (Mapping, torch.Tensor)):
-        raise TypeError(
-            f"calibration must be an iterable of batches, got a single "
-            f"{type(calibration).__name__}; wrap one batch in a list: calibration=[batch]"
-        )
-    if calibration is not None:
-        stats = collect_statistics(model, targets, calibration,
-                                   gram=config.init == "svd_llm",
-                                   forward=_calibration_forward(forward))
-        for name, s in stats.items():
-            if not (torch.isfinite(s.abs_sum).all() and torch.isfinite(s.sq_sum).all()):
-                raise ValueError(f"the calibration inputs of layer {name!r} contain NaN/inf")
-
-    layers: dict[str, MaskedLowRankLinear] = {}
-    for name, mod in targets.items():
-        info = infos[name]
-        full = min(info.in_features, info.out_features)
-        rank = min(full, max(config.min_rank, math.ceil(config.init_rank_ratio * full)))
-        layer = build_lowrank(mod, info, rank, config.init, stats.get(name),
-                              asvd_alpha=config.asvd_alpha, backend=config.backend)
-        if config.keeps_teacher:
-            layer.set_teacher(dense_weight(mod), getattr(mod, "bias", None))
-        for p_new, p_old in ((layer.U, mod.weight), (layer.V, mod.weight),
-                             (layer.mask, mod.weight)):
-            p_new.requires_grad_(p_old.requires_grad)
-        if layer.bias is not None and mod.bias is not None:
-            layer.bias.requires_grad_(mod.bias.requires_grad)
+    stats = _calibration_stats(model, targets, config, calibration, forward)
+    layers = {name: _student(mod, infos[name], config, stats.get(name))
+              for name, mod in targets.items()}
+    for name, layer in layers.items():
         set_submodule(model, name, layer)
-        layers[name] = layer
     targets.clear()
     keep_layer_forwards(model, list(layers))
 
