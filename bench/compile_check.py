@@ -1,14 +1,20 @@
 """Static check of the Triton kernels' autotune configs, no GPU needed.
 
-    python -m bench.compile_check [--arch 90 80] [--kernels fused_forward dy ...]
+    python -m bench.compile_check [--arch 90 80] [--dtype bf16] [--kernels dy gemm ...]
 
-Compiles every GPU config of every kernel (the sm_90 list for ``--arch 90``, its sm_80
-variants for ``--arch 80``) with the installed Triton for that target, through ptxas,
-specialised as a launch on contiguous, 16-aligned tensors would be, and records the
-shared memory each needs and ptxas' register/spill report. Beside each config it says
-whether the launcher's register estimate keeps it for that call (``kept``), so the
-estimates in ``triton_kernels/autotune.py`` can be checked against ptxas. Writes
-``bench/results/compile-<arch...>-<timestamp>.json``.
+Runs the Triton launcher (``ops/triton_backend.py``: ``forward`` and ``backward``) on
+``meta`` tensors with a stand-in for ``wrap_triton`` that records each kernel launch
+instead of running it, over calls that reach every path the launcher picks (decode,
+fused, split forward; dy with and without the fused dU; the dU/dV GEMMs; dx). Each
+distinct launch (kernel, argument dtypes, constexprs) is then compiled for every GPU
+config of its autotune table (the sm_90 list for ``--arch 90``, its sm_80 variants for
+``--arch 80``) with the installed Triton, through ptxas, specialised by Triton itself
+from the recorded arguments (unit strides become constants; pointers of fresh tensors
+and dims that are multiples of 16 are 16-divisible, as for contiguous tensors). It
+records the shared memory each config needs, ptxas' register/spill report, and whether
+the autotuner's pruner (``triton_kernels/autotune.py``) keeps the config for that launch
+on that architecture (``kept``), so the register estimates can be checked against ptxas.
+Writes ``bench/results/compile-<arch...>-<timestamp>.json``.
 
 These are compile-time facts for one Triton version (the GPU machine runs 3.6, this
 repository's CI 3.9): they say nothing about speed.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -25,87 +32,181 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum)
-FLOAT_ARGS = {"teacher_scale", "student_scale", "scale1", "alpha2", "beta1", "beta2", "alpha"}
+#: Constexprs that name a launch's tile shape in its case name.
+SHAPE_CONSTEXPRS = ("BLOCK_R", "BLOCK_M")
 
 
-def cases() -> list[dict]:
-    """(kernel, constexprs, pointer dtypes) combinations the launcher really uses."""
-    from tunecomp_kernels.ops.triton_kernels import autotune as at
-    from tunecomp_kernels.ops.triton_kernels import backward, decode, forward, gemm
+@dataclass
+class Launch:
+    """One distinct kernel launch of the launcher: the autotuned kernel, its runtime
+    arguments by name, the constexprs the launcher passes, and where it came from."""
 
-    common = {"UPCAST": False, "PRECISION": "ieee"}
-    out = []
-    for block_r in (16, 64, 128, 256):
-        out.append(dict(name=f"fused_forward r{block_r}", kernel=forward.fused_forward_kernel,
-                        configs=at.FUSED_FORWARD, registers=at.fused_forward_registers,
-                        budget=at.FUSED_FORWARD_BUDGET, ptrs={"t_ptr": "fp32"},
-                        meta=dict(HAS_BIAS=True, HAS_TEACHER=True, HAS_TEACHER_BIAS=True,
-                                  BLOCK_R=block_r, **common),
-                        unit=("stride_xk", "stride_vk", "stride_ur", "stride_wk", "stride_yo",
-                              "stride_tr")))
-    for block_r, fuse in ((64, True), (128, True), (64, False), (128, False), (256, False)):
-        out.append(dict(name=f"dy r{block_r}{' fused-dU' if fuse else ''}",
-                        kernel=backward.dy_kernel, configs=at.DY, registers=at.dy_registers,
-                        budget=at.DY_BUDGET,
-                        ptrs={"t_ptr": "fp32", "du_ptr": "fp32", "dmask_ptr": "fp32",
-                              "dbias_ptr": "fp32"},
-                        meta=dict(FUSE_DU=fuse, NEED_MASK=True, NEED_H=True, NEED_BIAS=True,
-                                  BLOCK_R=block_r, **common),
-                        unit=("stride_dyo", "stride_ur", "stride_tr", "stride_hr", "stride_dur")))
-    out.append(dict(name="expand (forward)", kernel=forward.expand_kernel, configs=at.EXPAND,
-                    ptrs={"a1_ptr": "fp32"},
-                    meta=dict(HAS_MASK=True, HAS_SECOND=True, HAS_BIAS1=True, HAS_BIAS2=True,
-                              **common),
-                    unit=("stride_a1r", "stride_b1r", "stride_a2k", "stride_b2k", "stride_cn")))
-    out.append(dict(name="expand (dx)", kernel=forward.expand_kernel, configs=at.EXPAND,
-                    ptrs={}, meta=dict(HAS_MASK=False, HAS_SECOND=True, HAS_BIAS1=False,
-                                       HAS_BIAS2=False, **common),
-                    unit=("stride_a1r", "stride_b1n", "stride_a2k", "stride_b2n", "stride_cn")))
-    out.append(dict(name="gemm (dU: B fp32)", kernel=gemm.gemm_kernel, configs=at.GEMM,
-                    ptrs={"b_ptr": "fp32", "c_ptr": "fp32"}, meta=dict(HAS_SCALE=True, **common),
-                    unit=("stride_am", "stride_bn", "stride_cn")))
-    out.append(dict(name="gemm (t = x·Vᵀ)", kernel=gemm.gemm_kernel, configs=at.GEMM,
-                    ptrs={"c_ptr": "fp32"}, meta=dict(HAS_SCALE=False, **common),
-                    unit=("stride_ak", "stride_bk", "stride_cn")))
-    out.append(dict(name="gemm (dV = hᵀ·x)", kernel=gemm.gemm_kernel, configs=at.GEMM,
-                    ptrs={"c_ptr": "fp32"}, meta=dict(HAS_SCALE=False, **common),
-                    unit=("stride_am", "stride_bn", "stride_cn")))
-    for block_m in (16, 64):
-        out.append(dict(name=f"decode_shrink m{block_m}", kernel=decode.decode_shrink_kernel,
-                        configs=at.DECODE_SHRINK, ptrs={"t_ptr": "fp32"},
-                        meta=dict(BLOCK_M=block_m, **common),
-                        unit=("stride_xk", "stride_vk", "stride_tr")))
+    kernel: object
+    args: dict
+    kwargs: dict
+    callers: list[str] = field(default_factory=list)
+
+    @property
+    def short(self) -> str:
+        return self.kernel.fn.__name__.removesuffix("_kernel")
+
+    @property
+    def name(self) -> str:
+        func = self.callers[0].split(":")[0] if self.callers else "?"
+        shape = [f"{k}={self.kwargs[k]}" for k in SHAPE_CONSTEXPRS if k in self.kwargs]
+        flags = "+".join(k for k, v in self.kwargs.items() if v is True)
+        return " ".join([f"{self.short}[{func}]", *shape, flags]).strip()
+
+
+def _caller() -> str:
+    """The launcher's outermost frame in triton_backend.py (``forward``/``backward``) and
+    the source line it is on."""
+    found = "?"
+    for frame in inspect.stack(context=1):
+        if frame.filename.endswith("triton_backend.py"):
+            line = (frame.code_context or [""])[0].strip()
+            found = f"{frame.function}: {line[:70]}"
+    return found
+
+
+class _Recorder:
+    """Stands in for ``torch.library.wrap_triton``: ``wrap(kernel)[grid](*args, **kw)``
+    records the launch instead of running it."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple] = []
+
+    def __call__(self, kernel):  # noqa: ANN001, ANN204
+        recorder = self
+
+        class _Grid:
+            def __getitem__(self, grid):  # noqa: ANN001, ANN204
+                def launch(*args: object, **kwargs: object) -> None:
+                    recorder.launches.append((kernel, args, kwargs, _caller()))
+                return launch
+        return _Grid()
+
+
+def scenarios() -> list[dict]:
+    """Calls that reach every path the launcher picks, built from its own limits: each
+    ``BLOCK_R`` up to ``FUSED_MAX_R`` on the fused forward and the dy kernel, decode for
+    every power-of-two row block up to ``TRITON_DECODE_MAX_N`` (which also fuses dU up to
+    ``FUSE_DU_MAX_N`` rows and ``FUSE_DU_MAX_R`` ranks), the split forward past
+    ``FUSED_MAX_R``; with a teacher and biases (the heaviest variant), and once without."""
+    from tunecomp_kernels.ops import triton_backend as tb
+
+    ranks = [16]
+    while ranks[-1] < tb.FUSED_MAX_R:
+        ranks.append(ranks[-1] * 2)
+    rows = 4 * max(tb.TRITON_DECODE_MAX_N, tb.FUSE_DU_MAX_N)  # past decode and fused dU
+    out = [dict(n=rows, k=256, o=256, r=r, teacher=True) for r in ranks]
+    out.append(dict(n=rows, k=256, o=256, r=64, teacher=False))
+    for teacher in (True, False):  # split: t GEMM + expand; dy over two rank slices
+        out.append(dict(n=rows, k=4096, o=4096, r=2 * tb.FUSED_MAX_R, teacher=teacher))
+    n = 16
+    while n <= tb.TRITON_DECODE_MAX_N:
+        out += [dict(n=n, k=256, o=256, r=r, teacher=True) for r in ranks]
+        n *= 2
     return out
 
 
-def compile_config(kernel, cfg, meta: dict, ptrs: dict, dtype: str, arch: int,
-                   unit: tuple[str, ...] = ()) -> dict:
-    """Compile one config for ``sm_<arch>`` as a real launch would specialise it: the
-    ``unit`` strides are the constant 1, pointers and other integers are assumed
-    16-aligned (as for contiguous tensors with dims that are multiples of 16). Returns
-    smem, registers and spills."""
+def record_launches(dtype: str) -> list[Launch]:
+    """Run the launcher's forward and backward on ``meta`` tensors for each scenario and
+    return its distinct kernel launches (same kernel, argument types and constexprs)."""
+    import torch
+
+    from tunecomp_kernels.ops import triton_backend as tb
+    from tunecomp_kernels.ops.contract import scale_dtype
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    recorder = _Recorder()
+    saved = tb.wrap_triton
+    tb.wrap_triton = recorder
+    try:
+        for sc in scenarios():
+            def new(*shape: int, dt: torch.dtype = torch_dtype) -> torch.Tensor:
+                return torch.empty(shape, dtype=dt, device="meta")
+            x, U, mask, V = new(sc["n"], sc["k"]), new(sc["o"], sc["r"]), new(sc["r"]), \
+                new(sc["r"], sc["k"])
+            w0, b0 = (new(sc["o"], sc["k"]), new(sc["o"])) if sc["teacher"] else (None, None)
+            a, s = new(dt=scale_dtype(torch_dtype)), new(dt=scale_dtype(torch_dtype))
+            _, t = tb.forward(x, U, mask, V, new(sc["o"]), w0, b0, a, s)
+            tb.backward(new(sc["n"], sc["o"]), x, U, mask, V, t, w0, a, s, [True] * 5)
+    finally:
+        tb.wrap_triton = saved
+    distinct: dict[tuple, Launch] = {}
+    for kernel, args, kwargs, caller in recorder.launches:
+        named = dict(zip(kernel.fn.arg_names, args))
+        launch = distinct.setdefault(_launch_key(kernel, named, kwargs),
+                                     Launch(kernel, named, dict(kwargs)))
+        if caller not in launch.callers:
+            launch.callers.append(caller)
+    return list(distinct.values())
+
+
+def _specialisation(value: object) -> tuple[str, object]:
+    """Triton's own specialisation of one runtime argument: (type, 'D' | '' | constant)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    return native_specialize_impl(BaseBackend, value, False, True, True)
+
+
+def _launch_key(kernel, named: dict, kwargs: dict) -> tuple:  # noqa: ANN001
+    spec = tuple((name, *_specialisation(value)) for name, value in named.items())
+    return kernel.fn.__name__, spec, tuple(sorted(kwargs.items()))
+
+
+def arch_configs(launch: Launch, arch: int) -> list:
+    """The config table of the launch's kernel (``autotune.<KERNEL NAME>``) for ``arch``."""
+    from tunecomp_kernels.ops.triton_kernels import autotune as at
+
+    table = getattr(at, launch.short.upper())
+    return list(table) if arch >= 90 else at.for_sm80(table)
+
+
+def kept_by_pruner(launch: Launch, arch: int) -> set | None:
+    """Signatures of the configs the kernel's autotune pruner keeps for this launch on a
+    GPU of ``sm_<arch>`` (None when the kernel has no pruner)."""
+    from tunecomp_kernels.ops.triton_kernels import autotune as at
+
+    prune = launch.kernel.early_config_prune
+    if prune is None:
+        return None
+    saved = at._capability
+    at._capability = lambda named_args: divmod(arch, 10)
+    try:
+        kept = prune(launch.kernel.configs, launch.args, **launch.kwargs)
+    finally:
+        at._capability = saved
+    return {at._signature(c) for c in kept}
+
+
+def compile_config(launch: Launch, cfg, arch: int) -> dict:  # noqa: ANN001
+    """Compile one config of a recorded launch for ``sm_<arch>``, specialised as Triton
+    specialises that launch. Returns smem, registers and spills."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
-    jit = kernel.fn
-    constexprs = {**meta, **cfg.kwargs, **{name: 1 for name in unit}}
-    signature = {}
-    attrs = {}
+    jit = launch.kernel.fn
+    constexprs = {**launch.kwargs, **cfg.kwargs}
+    signature, attrs = {}, {}
     for index, name in enumerate(jit.arg_names):
-        if name not in constexprs and name not in FLOAT_ARGS:
-            attrs[(index,)] = [["tt.divisibility", 16]]
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + ptrs.get(name, dtype)
-        elif name in FLOAT_ARGS:
-            signature[name] = "fp32"
+            continue
+        kind, spec = _specialisation(launch.args[name])
+        if kind == "constexpr":
+            signature[name], constexprs[name] = "constexpr", spec
         else:
-            signature[name] = "i32"
+            signature[name] = kind
+            if spec:
+                attrs[(index,)] = BaseBackend.parse_attr(spec)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(
@@ -122,60 +223,80 @@ def compile_config(kernel, cfg, meta: dict, ptrs: dict, dtype: str, arch: int,
             "spill_loads": int(spill.group(2)) if spill else None}
 
 
+def check_launch(launch: Launch, arch: int) -> list[dict]:
+    """Compile every config of one launch for ``sm_<arch>``; one result row per config."""
+    from tunecomp_kernels.ops.triton_kernels.autotune import _signature
+
+    kept = kept_by_pruner(launch, arch)
+    rows = []
+    for cfg in arch_configs(launch, arch):
+        row = {"arch": f"sm_{arch}", "case": launch.name, "callers": launch.callers,
+               "config": dict(cfg.kwargs), "num_warps": cfg.num_warps,
+               "num_stages": cfg.num_stages,
+               "kept": None if kept is None else _signature(cfg) in kept}
+        try:
+            row.update(compile_config(launch, cfg, arch))
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        rows.append(row)
+        print(f"sm_{arch} {launch.name:<58} {str(cfg.kwargs):<58} "
+              f"w{cfg.num_warps} s{cfg.num_stages} smem={row.get('smem')} "
+              f"regs={row.get('registers')} spill={row.get('spill_stores')} kept={row['kept']}"
+              + (f" ERROR {row['error'][:120]}" if "error" in row else ""), flush=True)
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """One line of totals, then each kept config that spills (the estimate let it through)."""
+    kept_spilling = [r for r in rows if r.get("kept") and (r.get("spill_stores") or 0) > 0]
+    lines = [f"{len(rows)} compiles; {sum('error' in r for r in rows)} errors; "
+             f"{sum(not r.get('smem_ok', True) for r in rows)} over shared memory; "
+             f"{sum((r.get('spill_stores') or 0) > 0 for r in rows)} spilling; "
+             f"{len(kept_spilling)} kept by the pruner yet spilling"]
+    lines += [f"  kept+spill: {r['arch']} {r['case']} {r['config']} w{r['num_warps']} "
+              f"s{r['num_stages']} regs={r['registers']} spill={r['spill_stores']}"
+              for r in kept_spilling]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=[80, 90])
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                        help="dtype of x and the parameters (scales, t and h follow the "
+                             "launcher)")
     parser.add_argument("--kernels", nargs="*", default=None,
-                        help="name prefixes of the cases to run (default: all)")
+                        help="name prefixes of the cases to run, e.g. dy gemm (default: all)")
+    parser.add_argument("--list", action="store_true",
+                        help="only list the launches the launcher makes, compile nothing")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
-    os.environ.pop("TRITON_INTERPRET", None)
+    # Compile for a GPU, over the full tables: the interpreter and the tuning caps of
+    # short GPU runs must not shape the kernels' config lists (read at import).
+    for var in ("TRITON_INTERPRET", "TUNECOMP_TRITON_AUTOTUNE", "TUNECOMP_TRITON_MAX_CONFIGS"):
+        os.environ.pop(var, None)
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="tunecomp-compile-check-")
     import triton
 
-    from tunecomp_kernels.ops.triton_kernels.autotune import for_sm80
-
-    dtype = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[args.dtype]
-    rows = []
-    start = time.time()
+    launches = [la for la in record_launches(args.dtype)
+                if not args.kernels or any(la.name.startswith(k) for k in args.kernels)]
+    if args.list:
+        for la in launches:
+            print(f"{la.name}\n    " + "\n    ".join(la.callers))
+        return 0
+    rows, start = [], time.time()
     for arch in args.arch:
-        for case in cases():
-            if args.kernels and not any(case["name"].startswith(k) for k in args.kernels):
-                continue
-            configs = case["configs"] if arch >= 90 else for_sm80(case["configs"])
-            for cfg in configs:
-                kept = None
-                if case.get("registers"):
-                    limit = case["budget"][0] if arch >= 90 else case["budget"][1]
-                    kept = case["registers"](cfg, case["meta"]) <= limit
-                row = {"arch": f"sm_{arch}", "case": case["name"], "config": dict(cfg.kwargs),
-                       "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                       "kept_by_estimate": kept}
-                try:
-                    row.update(compile_config(case["kernel"], cfg, case["meta"], case["ptrs"],
-                                              dtype, arch, case.get("unit", ())))
-                except Exception as exc:  # noqa: BLE001 - report and go on
-                    row["error"] = f"{type(exc).__name__}: {exc}"[:400]
-                rows.append(row)
-                spills = row.get("spill_stores")
-                print(f"sm_{arch} {case['name']:<22} {str(cfg.kwargs):<62} "
-                      f"w{cfg.num_warps} s{cfg.num_stages} smem={row.get('smem')} "
-                      f"regs={row.get('registers')} spill={spills} kept={kept}"
-                      + (f" ERROR {row['error'][:120]}" if "error" in row else ""), flush=True)
-    bad = [r for r in rows if r.get("kept_by_estimate") and (r.get("spill_stores") or 0) > 64]
-    print(f"\n{len(rows)} compiles in {time.time() - start:.0f} s; "
-          f"{sum('error' in r for r in rows)} errors; "
-          f"{sum(not r.get('smem_ok', True) for r in rows)} over shared memory; "
-          f"{len(bad)} kept by the estimate yet spilling > 64 bytes")
+        for launch in launches:
+            rows += check_launch(launch, arch)
+    print(f"\n{time.time() - start:.0f} s; " + summary(rows))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"compile-{'-'.join(f'sm{a}' for a in args.arch)}-{stamp}.json"
     path.write_text(json.dumps({
         "command": " ".join(["python -m bench.compile_check",
                              *(argv if argv is not None else sys.argv[1:])]),
-        "triton": triton.__version__, "dtype": dtype, "rows": rows}, indent=1))
+        "triton": triton.__version__, "dtype": args.dtype, "rows": rows}, indent=1))
     print(f"wrote {path}")
     return 0
 
