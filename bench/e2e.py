@@ -15,6 +15,9 @@ Methods (all at the same batch × sequence length):
     ``init_rank_ratio`` (``--init-rank-ratios``; one method per value), the controller
     advanced to mid-blend (α ≈ 0.29) first; each step adds ``controller.regularization``
     and calls ``controller.step()``.
+``train_joint_bf16``
+    the same with the frozen teachers stored in bfloat16
+    (``TuneCompConfig(teacher_dtype="bfloat16")``; the blend still accumulates in fp32).
 ``train_after``
     TuneComp after the teacher is dropped, as the library runs it: ``prepare``, then
     two ``controller.step()`` calls with ``blend_steps = prune_end = 2`` free the teacher
@@ -80,8 +83,8 @@ from _util import (  # noqa: E402
     write_json,
 )
 
-TRAIN_METHODS = ("train_dense", "train_joint", "train_after", "train_after_masked",
-                 "train_after_compact")
+TRAIN_METHODS = ("train_dense", "train_joint", "train_joint_bf16", "train_after",
+                 "train_after_masked", "train_after_compact")
 INFER_METHODS = ("infer_dense", "infer_compressed", "infer_compiled")
 TARGET_RATIO = 0.5
 MID_BLEND = 20  # joint runs are advanced to t = 20 of blend_steps = 40 (α ≈ 0.29)
@@ -231,11 +234,12 @@ def setup_training(model, method: str, init_rank_ratio: float, result: dict):
     """Bring a freshly built model into the state ``method`` measures; returns the
     controller to step (or None)."""
     controller = None
-    if method == "train_joint":
+    if method in ("train_joint", "train_joint_bf16"):
         from tunecomp_kernels.compress import TuneCompConfig, prepare
 
         cfg = TuneCompConfig(target_ratio=TARGET_RATIO, init_rank_ratio=init_rank_ratio,
-                             blend_steps=2 * MID_BLEND, total_steps=4 * MID_BLEND)
+                             blend_steps=2 * MID_BLEND, total_steps=4 * MID_BLEND,
+                             teacher_dtype="bfloat16" if method == "train_joint_bf16" else None)
         controller = prepare(model, cfg)
         for _ in range(MID_BLEND):
             controller.step()
@@ -403,7 +407,7 @@ def method_specs(args) -> list[dict]:
         method, _, own_ratio = item.partition("@")
         if method not in TRAIN_METHODS + INFER_METHODS:
             raise SystemExit(f"unknown method {method!r}")
-        if method in ("train_joint", "train_after", "train_after_masked",
+        if method in ("train_joint", "train_joint_bf16", "train_after", "train_after_masked",
                       "train_after_compact"):
             ratios = own_ratio or args.init_rank_ratios
             for ratio in (float(r) for r in ratios.split(",")):

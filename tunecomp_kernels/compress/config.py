@@ -23,6 +23,8 @@ L1_SCHEDULES = ("constant", "linear", "cosine")
 BUDGET_SCHEDULES = ("cubic", "linear", "cosine")
 SCORES = ("auto", "magnitude", "activation")
 DISTILL_MODES = ("none", "logits", "hidden")
+#: Lower-precision dtypes the frozen teachers of a float32 model may be stored in.
+TEACHER_DTYPES = ("bfloat16", "float16")
 
 #: The joint recipe chosen on the validation split (``bench/results/reproduction_pilots.md``):
 #: the defaults of :class:`TuneCompConfig`, and what ``tunecomp compress`` and the
@@ -151,6 +153,9 @@ class TuneCompConfig:
 
     Execution
         backend: op backend of the :class:`~tunecomp_kernels.MaskedLowRankLinear` layers.
+        teacher_dtype: the dtype ``prepare`` stores the frozen teachers in: ``None``
+            (default) the model's own; ``"bfloat16"`` or ``"float16"`` (float32 models
+            only) halves their memory, the blend still accumulating in fp32.
         compact_during_training: remove pruned ranks from the layers (and from the
             attached optimiser's state) during training, at a few steps of the run and
             when the budget is met, instead of masking them until ``finalize``
@@ -184,6 +189,7 @@ class TuneCompConfig:
     distill_temperature: float = 1.0
     backend: str = "auto"
     compact_during_training: bool = True
+    teacher_dtype: str | None = None
     _patterns: dict[str, list[re.Pattern[str]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -234,6 +240,9 @@ class TuneCompConfig:
         if not isinstance(self.compact_during_training, bool):
             raise TypeError("compact_during_training must be a bool, got "
                             f"{type(self.compact_during_training).__name__}")
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"unknown teacher_dtype {self.teacher_dtype!r}; choose None (the "
+                             f"model's dtype) or one of {list(TEACHER_DTYPES)}")
 
     def _check_steps(self) -> None:
         for name in ("total_steps", "blend_steps", "prune_end", "l1_decay_steps"):

@@ -172,12 +172,31 @@ def _student(mod: nn.Module, info: TargetInfo, config: TuneCompConfig,
     layer = build_lowrank(mod, info, rank, config.init, stats, asvd_alpha=config.asvd_alpha,
                           backend=config.backend)
     if config.keeps_teacher:
-        layer.set_teacher(dense_weight(mod), getattr(mod, "bias", None))
+        layer.set_teacher(dense_weight(mod), getattr(mod, "bias", None),
+                          dtype=_teacher_dtype(config))
     for p_new in (layer.U, layer.V, layer.mask):
         p_new.requires_grad_(mod.weight.requires_grad)
     if layer.bias is not None and mod.bias is not None:
         layer.bias.requires_grad_(mod.bias.requires_grad)
     return layer
+
+
+def _teacher_dtype(config: TuneCompConfig) -> torch.dtype | None:
+    return None if config.teacher_dtype is None else getattr(torch, config.teacher_dtype)
+
+
+def check_teacher_dtype(targets: dict[str, nn.Module], config: TuneCompConfig) -> None:
+    """A reduced ``teacher_dtype`` needs float32 layers (or layers already in that dtype);
+    checked before any layer is converted."""
+    dtype = _teacher_dtype(config)
+    if dtype is None or not config.keeps_teacher:
+        return
+    for name, mod in targets.items():
+        if mod.weight.dtype not in (torch.float32, dtype):
+            raise ValueError(
+                f"TuneCompConfig(teacher_dtype={config.teacher_dtype!r}) needs a float32 "
+                f"model, but layer {name!r} is {str(mod.weight.dtype).removeprefix('torch.')}; "
+                "leave teacher_dtype=None to store the teachers in the model's dtype")
 
 
 def prepare(
@@ -220,6 +239,7 @@ def prepare(
     infos = make_target_infos(targets)
     check_feasible(list(infos.values()), config)
     check_finite(targets)
+    check_teacher_dtype(targets, config)
 
     stats = _calibration_stats(model, targets, config, calibration, forward)
     layers = {name: _student(mod, infos[name], config, stats.get(name))

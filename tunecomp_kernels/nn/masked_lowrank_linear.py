@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops.api import masked_lowrank_linear
 from ..ops.backends import check_backend_name
-from ..ops.validation import SUPPORTED_DTYPES
+from ..ops.validation import REDUCED_TEACHER_DTYPES, SUPPORTED_DTYPES
 from .init import INIT_METHODS, lowrank_factors
 
 
@@ -215,8 +215,18 @@ class MaskedLowRankLinear(nn.Module):
 
     # --- teacher -------------------------------------------------------------------------
 
-    def set_teacher(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        """Attach a frozen dense teacher ``W0 [out, in]`` (and ``b0 [out]``) as buffers."""
+    def set_teacher(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    dtype: torch.dtype | None = None) -> None:
+        """Attach a frozen dense teacher ``W0 [out, in]`` (and ``b0 [out]``) as buffers.
+
+        ``dtype``: the dtype the teacher is stored in; ``None`` (default) is the layer's.
+        A float32 layer may store it in ``torch.bfloat16`` or ``torch.float16`` (half the
+        bytes; the op upcasts it and accumulates in fp32, with the stored, rounded values).
+
+        Raises:
+            ValueError: a shape that does not fit, or a dtype the op cannot blend with the
+                layer's (anything but the layer's own, or bf16/fp16 for a float32 layer).
+        """
         expected = (self.out_features, self.in_features)
         if tuple(weight.shape) != expected:
             raise ValueError(f"teacher weight must be {list(expected)}, got {list(weight.shape)}")
@@ -225,10 +235,17 @@ class MaskedLowRankLinear(nn.Module):
                 f"teacher bias must be [{self.out_features}], got {list(bias.shape)}"
             )
         like = self.U
-        self.teacher_weight = weight.detach().to(device=like.device, dtype=like.dtype).clone()
+        dtype = like.dtype if dtype is None else dtype
+        allowed = (like.dtype, *REDUCED_TEACHER_DTYPES.get(like.dtype, ()))
+        if dtype not in allowed:
+            names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+            raise ValueError(f"teacher dtype {dtype} cannot be blended with this "
+                             f"{str(like.dtype).removeprefix('torch.')} layer; use one of: "
+                             f"{names}")
+        self.teacher_weight = weight.detach().to(device=like.device, dtype=dtype).clone()
         self.teacher_bias = (
             None if bias is None
-            else bias.detach().to(device=like.device, dtype=like.dtype).clone()
+            else bias.detach().to(device=like.device, dtype=dtype).clone()
         )
 
     def drop_teacher(self) -> None:

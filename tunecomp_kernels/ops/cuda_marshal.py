@@ -112,6 +112,17 @@ def _contig(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _teacher_as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The teacher contiguous in the kernels' dtype. The kernels take one dtype for every
+    operand, so a teacher stored narrower than x (bf16/fp16 W0 with fp32 x, which the op
+    allows) is upcast here: a transient full copy of W0 in x's dtype for the duration of
+    the launch (2x the stored teacher's bytes), freed when the call returns. The stored
+    teacher still takes half the memory between calls."""
+    if t is None:
+        return None
+    return t.to(dtype).contiguous()
+
+
 def masked_lowrank_forward_cuda(
     x2: torch.Tensor,
     U: torch.Tensor,
@@ -127,8 +138,9 @@ def masked_lowrank_forward_cuda(
     """Run the CUDA forward kernels: ``(y [N, out], t [N, r] float32, kernel path name)``.
 
     ``x2`` is the input flattened to ``[N, in]``; the other tensors as the public op
-    checked them (one CUDA device, one dtype: float32, float16 or bfloat16; any layout,
-    copied to contiguous if needed). Scales: floats or 0-d tensors. Launches on the current
+    checked them (one CUDA device, one dtype: float32, float16 or bfloat16, except a
+    bf16/fp16 teacher with float32 x, upcast here; any layout, copied to contiguous if
+    needed). Scales: floats or 0-d tensors. Launches on the current
     stream of x's device. ``path`` forces a kernel (``"fused"``, ``"split"``,
     ``"decode"``), for tests; ``"auto"`` picks by shape. A present teacher is always read.
     Raises ValueError for non-CUDA tensors, an unsupported dtype or an unknown path.
@@ -141,7 +153,8 @@ def masked_lowrank_forward_cuda(
     n, k = x2.shape
     m, r = U.shape
     x2, U, mask, V = x2.contiguous(), U.contiguous(), mask.contiguous(), V.contiguous()
-    bias, teacher_weight, teacher_bias = map(_contig, (bias, teacher_weight, teacher_bias))
+    bias = _contig(bias)
+    teacher_weight, teacher_bias = (_teacher_as(w, dtype) for w in (teacher_weight, teacher_bias))
     scales = _scales(teacher_scale, student_scale, device)
     sms = _sm_count(device)
     path_name, ws_bytes = _cached_forward_plan(n, k, m, r, _code(dtype), FORWARD_PATHS[path],
@@ -190,7 +203,7 @@ def masked_lowrank_backward_cuda(
         raise ValueError(f"{who}: grad_y must be [{n}, {m}], got {list(grad_y.shape)}")
     bits = _needs_bits(needs)
     grad_y, x2, U, mask, V, t = (a.contiguous() for a in (grad_y, x2, U, mask, V, t))
-    teacher_weight = _contig(teacher_weight)
+    teacher_weight = _teacher_as(teacher_weight, dtype)
     scales = _scales(teacher_scale, student_scale, device)
     sms = _sm_count(device)
     ws_bytes = _cached_backward_plan(n, k, m, r, _code(dtype), bits, sms)

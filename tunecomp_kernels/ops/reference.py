@@ -1,7 +1,10 @@
 """Reference backend ``"torch"``: the op in plain PyTorch, on any device.
 
 It is the ground truth for the other backends and the CPU default. Half-precision
-inputs are computed in fp32 (fp32 accumulation) and rounded once at the end.
+inputs are computed in fp32 (fp32 accumulation) and rounded once at the end. A teacher
+stored in a narrower dtype than the compute dtype (half inputs, or a bf16/fp16 teacher
+with fp32 x) is upcast in blocks of at most ``TEACHER_BLOCK_ELEMENTS`` (16 MiB of fp32)
+rather than copied whole.
 """
 
 from __future__ import annotations
@@ -15,6 +18,48 @@ def _acc(tensor: torch.Tensor | None) -> torch.Tensor | None:
     if tensor is None:
         return None
     return tensor.to(intermediate_dtype(tensor.dtype))
+
+
+#: Elements of W0 upcast at a time when the teacher is stored in a narrower dtype than the
+#: compute dtype (a bf16 teacher with fp32 x, or any half teacher): the transient fp32
+#: copy is at most this many elements (16 MiB), never the whole teacher.
+TEACHER_BLOCK_ELEMENTS = 1 << 22
+
+
+def _teacher_rows(teacher_weight: torch.Tensor) -> int:
+    """Output rows of W0 [out, in] upcast per block (at least one)."""
+    return max(1, TEACHER_BLOCK_ELEMENTS // max(1, teacher_weight.shape[1]))
+
+
+def _teacher_forward(x2: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None,
+                     a: torch.Tensor | float) -> torch.Tensor:
+    """``a·(x2 W0ᵀ + b0)`` [N, out] in x2's (compute) dtype. A teacher stored in a narrower
+    dtype is upcast one block of output rows at a time, each block's product written into
+    its columns, so no full compute-dtype copy of W0 exists (the values are the stored,
+    rounded ones: bf16/fp16 -> fp32 is exact). A W0 of one block (up to
+    ``TEACHER_BLOCK_ELEMENTS``) is upcast whole: that transient is at most 16 MiB."""
+    rows = _teacher_rows(w0)
+    if w0.dtype == x2.dtype or w0.shape[0] <= rows:  # no copy, or one block: W0 itself
+        w, b = w0.to(x2.dtype).t(), None if b0 is None else b0.to(x2.dtype)
+        y = torch.addmm(b, x2, w) if b is not None else x2 @ w
+        return y.mul_(a)
+    y = x2.new_empty((x2.shape[0], w0.shape[0]))
+    for o0 in range(0, w0.shape[0], rows):
+        block = w0[o0:o0 + rows].to(x2.dtype).t()
+        y[:, o0:o0 + rows] = (torch.addmm(b0[o0:o0 + rows].to(x2.dtype), x2, block)
+                              if b0 is not None else x2 @ block)
+    return y.mul_(a)
+
+
+def _teacher_backward(dx2: torch.Tensor, dy_a: torch.Tensor, w0: torch.Tensor) -> None:
+    """``dx2 += dy_a W0`` in place (dy_a = a·dy [N, out]); a narrower teacher is upcast
+    one block of rows at a time, as in :func:`_teacher_forward`."""
+    rows = _teacher_rows(w0)
+    if w0.dtype == dx2.dtype or w0.shape[0] <= rows:
+        dx2.addmm_(dy_a, w0.to(dx2.dtype))
+        return
+    for o0 in range(0, w0.shape[0], rows):
+        dx2.addmm_(dy_a[:, o0:o0 + rows], w0[o0:o0 + rows].to(dx2.dtype))
 
 
 def _scale(value: torch.Tensor | float) -> torch.Tensor | float:
@@ -44,9 +89,8 @@ def forward(
     U_scaled = _acc(U) * (_acc(mask) * s)
     if teacher_weight is not None:
         # y = a·(x W0ᵀ + b0) first, then the student is accumulated into the same buffer.
-        w0 = _acc(teacher_weight).t()
-        y = torch.addmm(_acc(teacher_bias), x2, w0) if teacher_bias is not None else x2 @ w0
-        y.mul_(_scale(teacher_scale)).addmm_(t, U_scaled.t())
+        y = _teacher_forward(x2, teacher_weight, teacher_bias, _scale(teacher_scale))
+        y.addmm_(t, U_scaled.t())
         if bias is not None:
             y.add_(_acc(bias) * s)
     elif bias is not None:
@@ -97,7 +141,7 @@ def backward(
         if need_x:
             dx2 = g @ (_acc(V) * mask_s[:, None])
             if teacher_weight is not None:
-                dx2.addmm_(dy * _scale(teacher_scale), _acc(teacher_weight))
+                _teacher_backward(dx2, dy * _scale(teacher_scale), teacher_weight)
             dx = dx2.to(x.dtype).reshape(x.shape)
     if need_bias:
         dbias = (s * dy.sum(0)).to(grad_y.dtype)

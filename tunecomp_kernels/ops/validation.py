@@ -24,7 +24,11 @@ def check_inputs(
     teacher_scale: float | torch.Tensor,
     student_scale: float | torch.Tensor,
 ) -> None:
-    """Raise ``ValueError`` unless the op's inputs agree (DESIGN §2 shapes); never broadcast."""
+    """Raise ``ValueError`` unless the op's inputs agree (DESIGN §2 shapes); never broadcast.
+
+    Every tensor shares x's dtype, except that with float32 x the frozen teacher
+    (``teacher_weight`` and ``teacher_bias`` together) may be stored in bfloat16 or
+    float16 (:data:`REDUCED_TEACHER_DTYPES`)."""
     named = {"x": x, "U": U, "mask": mask, "V": V, "bias": bias,
              "teacher_weight": teacher_weight, "teacher_bias": teacher_bias}
     for name, tensor in named.items():
@@ -78,17 +82,52 @@ def _check_shapes(x, U, mask, V, bias, teacher_weight, teacher_bias) -> None:  #
 
 
 
+#: Lower-precision dtypes a frozen teacher may be stored in, per dtype of x: the op
+#: upcasts it to x's compute dtype block by block and accumulates in fp32.
+REDUCED_TEACHER_DTYPES: dict[torch.dtype, tuple[torch.dtype, ...]] = {
+    torch.float32: (torch.bfloat16, torch.float16),
+}
+_TEACHER = ("teacher_weight", "teacher_bias")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _check_dtypes_and_devices(x: torch.Tensor, present: dict[str, torch.Tensor]) -> None:
     dtypes = {name: t.dtype for name, t in present.items()}
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
-    if len(set(dtypes.values())) != 1:
-        listed = ", ".join(f"{k}={str(v).removeprefix('torch.')}" for k, v in dtypes.items())
+    student = {k: v for k, v in dtypes.items() if k not in _TEACHER}
+    teacher = {k: v for k, v in dtypes.items() if k in _TEACHER}
+    if len(set(student.values())) != 1:
+        listed = ", ".join(f"{k}={_name(v)}" for k, v in dtypes.items())
         raise ValueError(f"dtype mismatch: all tensors must share one dtype, got {listed}")
+    _check_teacher_dtype(x.dtype, teacher)
     devices = {name: t.device for name, t in present.items()}
     if len(set(devices.values())) != 1:
         listed = ", ".join(f"{k}={v}" for k, v in devices.items())
         raise ValueError(f"device mismatch: all tensors must be on one device, got {listed}")
+
+
+def _check_teacher_dtype(dtype: torch.dtype, teacher: dict[str, torch.dtype]) -> None:
+    """The teacher shares x's dtype, or (both of its tensors) one of
+    ``REDUCED_TEACHER_DTYPES[x.dtype]``: a bf16/fp16 teacher with fp32 x."""
+    kinds = set(teacher.values())
+    if not kinds or kinds == {dtype}:
+        return
+    listed = ", ".join(f"{k}={_name(v)}" for k, v in teacher.items())
+    allowed = REDUCED_TEACHER_DTYPES.get(dtype, ())
+    if len(kinds) == 1 and kinds <= set(allowed):
+        return
+    if allowed:
+        options = " or ".join(_name(d) for d in allowed)
+        hint = (f"with x in {_name(dtype)} the teacher (weight and bias alike) must be "
+                f"{_name(dtype)} or {options}")
+    else:
+        hint = (f"with x in {_name(dtype)} the teacher must be {_name(dtype)} too (a "
+                "lower-precision teacher is supported with float32 x only)")
+    raise ValueError(f"dtype mismatch: {hint}, got x={_name(dtype)}, {listed}")
 
 
 def _check_scale(name: str, value: object) -> None:
