@@ -309,6 +309,26 @@ def test_autotune_switch_and_int32_guard(monkeypatch):
     assert tb._int32_indexable(16, 16, 16, 16, huge)
 
 
+#: dy configs (num_warps, BLOCK_M, BLOCK_O) that ptxas (Triton 3.9) spilled with the fused
+#: dU and fp32 operands, by (arch, BLOCK_R): bench/results/compile-sm90-sm80-20261130-*.json.
+DY_FUSED_SPILLS = {(80, 64): {(4, 16, 128)},
+                   (80, 128): {(8, 32, 128), (4, 16, 64), (8, 64, 128), (4, 32, 64),
+                               (4, 16, 128)},
+                   (90, 128): {(4, 16, 128), (4, 64, 32)}}
+
+
+@pytest.mark.parametrize("arch,block_r", sorted(DY_FUSED_SPILLS))
+def test_dy_pruner_drops_the_fused_du_configs_that_spill(monkeypatch, arch, block_r):
+    monkeypatch.setattr(at, "_capability", lambda named_args: divmod(arch, 10))
+    prune = at.make_pruner(at.DY, at.for_sm80(at.DY), at.dy_registers, at.DY_BUDGET)
+    table = at.DY if arch >= 90 else at.for_sm80(at.DY)
+    kept = prune(table, {}, BLOCK_R=block_r, FUSE_DU=True)
+    shapes = {(c.num_warps, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_O"]) for c in kept}
+    assert shapes and not shapes & DY_FUSED_SPILLS[arch, block_r], shapes
+    # without the fused dU nothing that compiled without spills is lost at r <= 128
+    assert len(prune(table, {}, BLOCK_R=block_r, FUSE_DU=False)) == len(table)
+
+
 def test_triton_op_registration_traces_kernels():
     """The GPU registration (``triton_op``) on this torch: schema from the type hints,
     fake shapes without running anything, and make_fx sees the kernels as graph nodes.
