@@ -370,9 +370,11 @@ class MaskedLowRankLinear(nn.Module):
         weight = self.student_scale * self.weight
         bias = None if self.bias is None else self.student_scale * self.bias
         if self.teacher_weight is not None and self.teacher_scale != 0.0:
-            weight = weight + self.teacher_scale * self.teacher_weight
+            # a bf16/fp16 teacher is upcast before scaling: a·W0 rounded to bf16 would
+            # lose what the op keeps (it accumulates the blend in fp32)
+            weight = weight + self.teacher_scale * self.teacher_weight.to(weight.dtype)
             if self.teacher_bias is not None:
-                teacher_b = self.teacher_scale * self.teacher_bias
+                teacher_b = self.teacher_scale * self.teacher_bias.to(weight.dtype)
                 bias = teacher_b if bias is None else bias + teacher_b
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
                            device=weight.device, dtype=weight.dtype)
