@@ -1,6 +1,6 @@
 """Static check of the Triton kernels' autotune configs, no GPU needed.
 
-    python -m bench.compile_check [--arch 90 80] [--dtype bf16] [--kernels dy gemm ...]
+    python -m bench.compile_check [--arch 90 80] [--dtype bf16] [--kernels dy gemm ...] [--list]
 
 Runs the Triton launcher (``ops/triton_backend.py``: ``forward`` and ``backward``) on
 ``meta`` tensors with a stand-in for ``wrap_triton`` that records each kernel launch
