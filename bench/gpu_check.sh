@@ -4,7 +4,7 @@
 # float64; `pytest -m gpu`; the quick kernel benchmark; the CUDA-vs-Triton choice; then,
 # if time is left, compute-sanitizer and the backend op tests on cuda.
 #
-#   bash bench/gpu_check.sh            # from the repository root; ends within 7.5 minutes
+#   bash bench/gpu_check.sh            # from the repository root; ends within ~7 minutes
 #
 # Every step runs under `timeout`, capped by what is left of the overall deadline, and
 # the script goes on past a failing step. Each step's log is written as it runs
