@@ -62,12 +62,13 @@ step bench_kernels 120 "TUNECOMP_TRITON_MAX_CONFIGS=4 $PY -m bench.kernels --dev
 # CUDA vs Triton timed per benchmark shape (fp16, bf16) -> ops/backend_choice.json, copied
 # into $LOG_DIR; Triton tuned over the same 4 configs as above (their compiles are cached).
 step cuda_choose 100 "TUNECOMP_TRITON_MAX_CONFIGS=4 $PY -m bench.cuda_verify --choose-only --out-dir \"\$LOG_DIR\""
-# Best effort if time is left: compute-sanitizer memcheck, the backend op tests on cuda,
+# Best effort if time is left: compute-sanitizer memcheck, the backend op tests on cuda
+# (with the bf16/fp16 teacher next to fp32 x, which no GPU test covers yet),
 # then shared-memory races and barrier misuse in the CUDA kernels.
 # compute-sanitizer memcheck of one tiny case per CUDA kernel and dtype (tunecomp kernels
 # only are instrumented); skipped where compute-sanitizer is not installed.
 step cuda_memcheck 60 "CS=\$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null); if [ -z \"\$CS\" ]; then echo 'compute-sanitizer not found: skipped'; exit 0; fi; \"\$CS\" --tool memcheck --kernel-name kns=mlr --error-exitcode 99 $PY -m bench.cuda_verify --memcheck-case"
-step pytest_ops_cuda 60 "TUNECOMP_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -rfE -m 'not gpu' tests/ops/test_triton.py tests/ops/test_op.py tests/ops/test_registration.py"
+step pytest_ops_cuda 60 "TUNECOMP_TRITON_AUTOTUNE=0 $PY -m pytest -q -p no:cacheprovider -rfE -m 'not gpu' tests/ops/test_triton.py tests/ops/test_op.py tests/ops/test_registration.py tests/ops/test_reduced_teacher.py"
 step cuda_racecheck 90 "CS=\$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null); if [ -z \"\$CS\" ]; then echo 'compute-sanitizer not found: skipped'; exit 0; fi; rc=0; for tool in racecheck synccheck; do echo \"== \$tool\"; \"\$CS\" --tool \$tool --kernel-name kns=mlr --error-exitcode 99 $PY -m bench.cuda_verify --memcheck-case || rc=1; done; exit \$rc"
 
 # --- runner ----------------------------------------------------------------------------
