@@ -31,8 +31,10 @@ def masked_lowrank_linear(
     Args:
         x: ``[..., in]`` input, any number of leading dims.
         U: ``[out, r]``; mask: ``[r]``; V: ``[r, in]``; bias: ``[out]`` or None.
-        teacher_weight: frozen dense ``W0 [out, in]`` (no gradient), or None.
-        teacher_bias: frozen ``b0 [out]``, or None.
+        teacher_weight: frozen dense ``W0 [out, in]`` (no gradient), or None. In x's
+            dtype, or, with float32 x, stored in bfloat16 or float16 (half the memory; the
+            blend still accumulates in fp32 with the stored values).
+        teacher_bias: frozen ``b0 [out]`` in W0's dtype, or None.
         teacher_scale, student_scale: the blend coefficients ``a`` and ``s``: floats, or
             0-d floating tensors (not differentiated). Tensors reach the kernels as data,
             so under ``torch.compile`` a new value does not recompile (floats are

@@ -10,10 +10,13 @@ name, ``tunecomp::masked_lowrank_<backend>`` and ``..._<backend>_backward``:
              student_scale[], needs_grad[5])
         -> (dx, dU, dmask, dV, dbias)   # a 0-element tensor where not needed
 
-The blend scales are 0-d tensors (:func:`scale_dtype` of x, on x's device) that the
-kernels load, never Python floats: ``torch.compile`` then treats a new α as new data
-instead of a new constant, and a whole blend runs one graph. Outputs are contiguous
-whatever the inputs' strides (the fake implementation says so too).
+Every tensor has x's dtype, except that the frozen teacher (W0, b0) of float32 x may be
+bfloat16 or float16 (:data:`.validation.REDUCED_TEACHER_DTYPES`); the fake
+implementation needs no change, its outputs follow x. The blend scales are 0-d tensors
+(:func:`scale_dtype` of x, on x's device) that the kernels load, never Python floats:
+``torch.compile`` then treats a new α as new data instead of a new constant, and a whole
+blend runs one graph. Outputs are contiguous whatever the inputs' strides (the fake
+implementation says so too).
 
 ``t = x·Vᵀ`` is returned so backward does not recompute it; it is marked
 non-differentiable and never leaves :func:`tunecomp_kernels.masked_lowrank_linear`.

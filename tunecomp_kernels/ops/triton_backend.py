@@ -58,8 +58,10 @@ Dtypes: fp32, fp16 and bf16 run in the kernels with fp32 accumulation (fp32 dots
 IEEE fp32 unless ``torch.set_float32_matmul_precision`` allows TF32). The intermediates
 t and h stay fp32 between and inside the kernels; the products that read them run on
 fp32 operands, TF32 for half inputs (``_wide_precision``; why:
-:mod:`.triton_kernels.forward`). float64 (used by gradcheck), r = 0 and problems whose
-offsets overflow int32 are served by the reference math inside the same op.
+:mod:`.triton_kernels.forward`). A teacher stored in bf16/fp16 next to fp32 x is loaded
+tile by tile and converted to fp32 before its ``tl.dot`` (``dot_operand`` casts to x's
+dtype), so no upcast copy of W0 exists. float64 (used by gradcheck), r = 0 and problems
+whose offsets overflow int32 are served by the reference math inside the same op.
 Atomic reductions (split-K, dmask, dbias, fused dU) make results run-to-run
 nondeterministic in the last bits.
 """
