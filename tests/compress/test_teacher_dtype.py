@@ -41,6 +41,14 @@ def test_bad_teacher_dtype_is_a_clear_error(value):
         TuneCompConfig(teacher_dtype=value)
 
 
+@pytest.mark.parametrize("distill", ["logits", "hidden"])
+def test_distillation_with_a_reduced_teacher_is_refused(distill):
+    """The controller's teacher-only forward needs the teacher in the activations' dtype:
+    refused up front rather than failing in the first distillation step."""
+    with pytest.raises(ValueError, match=rf"does not work with distill='{distill}'"):
+        TuneCompConfig(teacher_dtype="bfloat16", distill=distill)
+
+
 @pytest.mark.parametrize("teacher_dtype", TEACHER_DTYPES)
 def test_prepare_stores_the_teachers_in_it_and_their_bytes_halve(teacher_dtype):
     batch = text_batches(1, classes=None)[0]

@@ -155,7 +155,8 @@ class TuneCompConfig:
         backend: op backend of the :class:`~tunecomp_kernels.MaskedLowRankLinear` layers.
         teacher_dtype: the dtype ``prepare`` stores the frozen teachers in: ``None``
             (default) the model's own; ``"bfloat16"`` or ``"float16"`` (float32 models
-            only) halves their memory, the blend still accumulating in fp32.
+            only) halves their memory, the blend still accumulating in fp32. Not with
+            ``distill`` (yet).
         compact_during_training: remove pruned ranks from the layers (and from the
             attached optimiser's state) during training, at a few steps of the run and
             when the budget is met, instead of masking them until ``finalize``
@@ -240,9 +241,7 @@ class TuneCompConfig:
         if not isinstance(self.compact_during_training, bool):
             raise TypeError("compact_during_training must be a bool, got "
                             f"{type(self.compact_during_training).__name__}")
-        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"unknown teacher_dtype {self.teacher_dtype!r}; choose None (the "
-                             f"model's dtype) or one of {list(TEACHER_DTYPES)}")
+        _check_teacher_dtype(self.teacher_dtype, self.distill)
 
     def _check_steps(self) -> None:
         for name in ("total_steps", "blend_steps", "prune_end", "l1_decay_steps"):
@@ -387,6 +386,19 @@ def _integer(name: str, value: object, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_teacher_dtype(teacher_dtype: object, distill: str) -> None:
+    if teacher_dtype is None:
+        return
+    if teacher_dtype not in TEACHER_DTYPES:
+        raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}; choose None (the "
+                         f"model's dtype) or one of {list(TEACHER_DTYPES)}")
+    if distill != "none":
+        # the controller's teacher-only forward (teacher_mode) runs F.linear on the
+        # stored teacher, which needs it in the activations' dtype
+        raise ValueError(f"teacher_dtype={teacher_dtype!r} does not work with "
+                         f"distill={distill!r} yet; leave teacher_dtype=None")
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
