@@ -49,6 +49,7 @@ class Launch:
     args: dict
     kwargs: dict
     callers: list[str] = field(default_factory=list)
+    tag: str = ""  # what sets the scenario apart, e.g. a reduced-precision teacher
 
     @property
     def short(self) -> str:
@@ -59,7 +60,7 @@ class Launch:
         func = self.callers[0].split(":")[0] if self.callers else "?"
         shape = [f"{k}={self.kwargs[k]}" for k in SHAPE_CONSTEXPRS if k in self.kwargs]
         flags = "+".join(k for k, v in self.kwargs.items() if v is True)
-        return " ".join([f"{self.short}[{func}]", *shape, flags]).strip()
+        return " ".join([f"{self.short}[{func}]", *shape, flags, self.tag]).strip()
 
 
 def _caller() -> str:
@@ -79,6 +80,7 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.launches: list[tuple] = []
+        self.tag = ""
 
     def __call__(self, kernel):  # noqa: ANN001, ANN204
         recorder = self
@@ -86,18 +88,22 @@ class _Recorder:
         class _Grid:
             def __getitem__(self, grid):  # noqa: ANN001, ANN204
                 def launch(*args: object, **kwargs: object) -> None:
-                    recorder.launches.append((kernel, args, kwargs, _caller()))
+                    recorder.launches.append((kernel, args, kwargs, _caller(),
+                                              recorder.tag))
                 return launch
         return _Grid()
 
 
-def scenarios() -> list[dict]:
+def scenarios(dtype) -> list[dict]:  # noqa: ANN001
     """Calls that reach every path the launcher picks, built from its own limits: each
     ``BLOCK_R`` up to ``FUSED_MAX_R`` on the fused forward and the dy kernel, decode for
     every power-of-two row block up to ``TRITON_DECODE_MAX_N`` (which also fuses dU up to
     ``FUSE_DU_MAX_N`` rows and ``FUSE_DU_MAX_R`` ranks), the split forward past
-    ``FUSED_MAX_R``; with a teacher and biases (the heaviest variant), and once without."""
+    ``FUSED_MAX_R``; with a teacher and biases (the heaviest variant), and once without;
+    then fused, split and decode once more with each lower-precision teacher dtype the op
+    accepts next to ``dtype`` x (``validation.REDUCED_TEACHER_DTYPES``)."""
     from tunecomp_kernels.ops import triton_backend as tb
+    from tunecomp_kernels.ops.validation import REDUCED_TEACHER_DTYPES
 
     ranks = [16]
     while ranks[-1] < tb.FUSED_MAX_R:
@@ -111,7 +117,32 @@ def scenarios() -> list[dict]:
     while n <= tb.TRITON_DECODE_MAX_N:
         out += [dict(n=n, k=256, o=256, r=r, teacher=True) for r in ranks]
         n *= 2
+    for teacher in REDUCED_TEACHER_DTYPES.get(dtype, ()):
+        out += [dict(n=rows, k=256, o=256, r=r, teacher=teacher) for r in (64, ranks[-1])]
+        out += [dict(n=n, k=4096, o=4096, r=2 * tb.FUSED_MAX_R, teacher=teacher)
+                for n in (rows, 16)]
     return out
+
+
+def _run_scenario(sc: dict, dtype) -> None:  # noqa: ANN001
+    """One forward and one full backward of the launcher on ``meta`` tensors of ``dtype``;
+    ``sc["teacher"]``: True (x's dtype), False, or the teacher's own dtype."""
+    import torch
+
+    from tunecomp_kernels.ops import triton_backend as tb
+    from tunecomp_kernels.ops.contract import scale_dtype
+
+    def new(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    n, k, o, r = sc["n"], sc["k"], sc["o"], sc["r"]
+    x, U, mask, V = new(n, k), new(o, r), new(r), new(r, k)
+    teacher_dtype = dtype if sc["teacher"] is True else sc["teacher"]
+    w0, b0 = (new(o, k, dt=teacher_dtype), new(o, dt=teacher_dtype)) if sc["teacher"] \
+        else (None, None)
+    a, s = new(dt=scale_dtype(dtype)), new(dt=scale_dtype(dtype))
+    _, t = tb.forward(x, U, mask, V, new(o), w0, b0, a, s)
+    tb.backward(new(n, o), x, U, mask, V, t, w0, a, s, [True] * 5)
 
 
 def record_launches(dtype: str) -> list[Launch]:
@@ -120,29 +151,24 @@ def record_launches(dtype: str) -> list[Launch]:
     import torch
 
     from tunecomp_kernels.ops import triton_backend as tb
-    from tunecomp_kernels.ops.contract import scale_dtype
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     recorder = _Recorder()
     saved = tb.wrap_triton
     tb.wrap_triton = recorder
     try:
-        for sc in scenarios():
-            def new(*shape: int, dt: torch.dtype = torch_dtype) -> torch.Tensor:
-                return torch.empty(shape, dtype=dt, device="meta")
-            x, U, mask, V = new(sc["n"], sc["k"]), new(sc["o"], sc["r"]), new(sc["r"]), \
-                new(sc["r"], sc["k"])
-            w0, b0 = (new(sc["o"], sc["k"]), new(sc["o"])) if sc["teacher"] else (None, None)
-            a, s = new(dt=scale_dtype(torch_dtype)), new(dt=scale_dtype(torch_dtype))
-            _, t = tb.forward(x, U, mask, V, new(sc["o"]), w0, b0, a, s)
-            tb.backward(new(sc["n"], sc["o"]), x, U, mask, V, t, w0, a, s, [True] * 5)
+        for sc in scenarios(torch_dtype):
+            teacher = sc["teacher"]
+            recorder.tag = "" if isinstance(teacher, bool) else \
+                f"teacher={str(teacher).removeprefix('torch.')}"
+            _run_scenario(sc, torch_dtype)
     finally:
         tb.wrap_triton = saved
     distinct: dict[tuple, Launch] = {}
-    for kernel, args, kwargs, caller in recorder.launches:
+    for kernel, args, kwargs, caller, tag in recorder.launches:
         named = dict(zip(kernel.fn.arg_names, args))
         launch = distinct.setdefault(_launch_key(kernel, named, kwargs),
-                                     Launch(kernel, named, dict(kwargs)))
+                                     Launch(kernel, named, dict(kwargs), tag=tag))
         if caller not in launch.callers:
             launch.callers.append(caller)
     return list(distinct.values())
@@ -266,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of x and the parameters (scales, t and h follow the "
                              "launcher)")
     parser.add_argument("--kernels", nargs="*", default=None,
-                        help="name prefixes of the cases to run, e.g. dy gemm (default: all)")
+                        help="run the cases whose name starts with or contains one of "
+                             "these, e.g. dy gemm teacher=bfloat16 (default: all)")
     parser.add_argument("--list", action="store_true",
                         help="only list the launches the launcher makes, compile nothing")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -280,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     launches = [la for la in record_launches(args.dtype)
-                if not args.kernels or any(la.name.startswith(k) for k in args.kernels)]
+                if not args.kernels or any(k in la.name for k in args.kernels)]
     if args.list:
         for la in launches:
             print(f"{la.name}\n    " + "\n    ".join(la.callers))
