@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts: environment record, side-by-side timing, RSS.
 
-Timing rules (DESIGN §6): this machine is shared and noisy, so every ratio is measured
-side by side in one run. :func:`interleaved` runs the contenders round-robin (the order
+Timing rules (docs/design.md#measuring): this machine is shared and noisy, so every ratio is
+measured side by side in one run. :func:`interleaved` runs the contenders round-robin (the order
 rotates every repetition) and reports per-contender medians plus the median of the
 *paired* ratios (each repetition's times divided by the baseline's time in that same
 repetition), which cancels slow drifts in machine load.

@@ -15,7 +15,7 @@ One table per shape ``(N, in = out = d, r)``. Rows:
 
 Columns: forward and forward+backward time (median), and the fraction of the roofline
 reached, ``max(FLOPs / peak, bytes / bandwidth) / time``, with the H200 figures of
-DESIGN §6 (790 TFLOP/s bf16 dense, 4.3 TB/s) on a GPU; "n/a" on a CPU. Bytes count
+docs/design.md#measuring (790 TFLOP/s bf16 dense, 4.3 TB/s) on a GPU; "n/a" on a CPU. Bytes count
 each input and output once (the minimum any implementation must move). Below each
 table: fwd+bwd speed-up over ``unfused`` and, with the teacher, the time against the
 ideal ``(1 + 3r/d) x dense-frozen`` from the issue. Results go to
@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-H200_PEAK_FLOPS = 790e12  # bf16 dense GEMM, DESIGN §6
-H200_BANDWIDTH = 4.3e12  # bytes/s, measured copy bandwidth, DESIGN §6
+H200_PEAK_FLOPS = 790e12  # bf16 dense GEMM, docs/design.md#measuring
+H200_BANDWIDTH = 4.3e12  # bytes/s, measured copy bandwidth, docs/design.md#measuring
 
 FULL_SHAPES = [(n, d, r) for n in (16, 2048, 8192) for d in (1024, 4096) for r in (64, 256, 1024)]
 GPU_QUICK_SHAPES = [(16, 4096, 256), (16, 4096, 1024), (2048, 4096, 256), (8192, 4096, 256),
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device={device} ({env['device_name']}) dtype={dtype} torch={env['torch']} "
           f"triton={env['triton']} backends={backends}")
     if device == "cpu":
-        print("roofline: n/a on CPU (the H200 figures of DESIGN §6 apply to the GPU only)")
+        print("roofline: n/a on CPU (the H200 figures of docs/design.md apply to the GPU only)")
     results = []
     start = time.time()
     for n, d, r in shapes:
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "timestamp": stamp, "device": device, "dtype": str(dtype).removeprefix("torch."),
         "backends": backends, "environment": env, "wall_s": round(time.time() - start, 1),
         "roofline_model": ({"peak_flops": H200_PEAK_FLOPS, "bandwidth_bytes_s": H200_BANDWIDTH,
-                            "source": "DESIGN §6 (H200)"} if device == "cuda" else None),
+                            "source": "docs/design.md (H200)"} if device == "cuda" else None),
         "results": [asdict(r) for r in results],
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ import torch
 
 from tunecomp_kernels.ops.backends import backend_serves, known_backends, unavailable_reason
 
-# Relative-norm tolerance ‖got − ref‖ / ‖ref‖ against the float64 reference (DESIGN §6).
+# Relative-norm tolerance ‖got − ref‖ / ‖ref‖ against the float64 reference
+# (docs/design.md#measuring).
 TOLERANCE = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,

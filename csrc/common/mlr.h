@@ -1,4 +1,4 @@
-// Masked low-rank op (DESIGN section 2) on CUDA: arguments, validation and the
+// Masked low-rank op (docs/design.md#the-op) on CUDA: arguments, validation and the
 // launch plan shared by the pybind11 layer and the CUDA launchers.
 //
 // Shapes (all row-major and contiguous; the Python wrapper calls .contiguous()):

@@ -1,4 +1,4 @@
-// Kernels of the masked low-rank op (DESIGN section 2). Shapes as in common/mlr.h:
+// Kernels of the masked low-rank op (docs/design.md#the-op). Shapes as in common/mlr.h:
 // x [n, k], U [m, r], mask [r], V [r, k], W0 [m, k], y [n, m], t [n, r] (fp32).
 // "tm" is t * mask * s rounded to the element type T: the A operand of the
 // expand GEMM y += tm U^T (student scale folded in); "h" is s * (dy U) * mask.

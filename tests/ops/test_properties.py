@@ -14,7 +14,8 @@ from tunecomp_kernels.ops.reference import reference_float64
 
 RUNNABLE = [n for n in known_backends()
             if unavailable_reason(n) is None and backend_serves(n, "cpu")]
-# The Triton interpreter gets bf16 tl.dot wrong (DESIGN §6): bf16 only where it is exact.
+# The Triton interpreter gets bf16 tl.dot wrong (docs/design.md#measuring): bf16 only
+# where it is exact.
 CPU_DTYPES = {"triton": [torch.float32, torch.float16]}
 # Interpreted kernels are slow: fewer examples there.
 EXAMPLES = {"triton": 8}

@@ -1,6 +1,6 @@
 """The three schedules of a run, as pure functions of the step ``t``.
 
-* blend: teacher scale α_t and student scale α'_t (DESIGN §3);
+* blend: teacher scale α_t and student scale α'_t (docs/design.md#the-method);
 * L1 weight λ_t, decaying from λ_0 to 0;
 * budget fraction f_t in [0, 1]: 1 at ``prune_start`` (the starting size), 0 at
   ``prune_end`` (the target size).

@@ -113,7 +113,7 @@ def backward(
     student_scale: torch.Tensor,
     needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dU, dmask, dV, dbias) from DESIGN §2; 0-element tensors where not needed.
+    """(dx, dU, dmask, dV, dbias) from docs/design.md#the-op; 0-element tensors where not needed.
 
     The mask only scales rank columns, so it is applied to the small [out, r] and
     [r, in] operands instead of the [N, r] intermediates:

@@ -24,11 +24,12 @@ Below that, the fused kernel still recomputes t once per group of output tiles (
 group spans ``FUSED_OUT_SPAN`` = 256 columns at most), i.e. ``ceil(out / 256) - 1``
 extra ``2·N·in·r``-FLOP GEMMs, while the split path pays a round trip of t
 (``8·N·r`` bytes) and one more launch. :func:`_fused_is_cheaper` compares the two on
-the H200 roofline (DESIGN §6 figures derated to 700 TFLOP/s and 3.5 TB/s, plus 4 µs per
-launch): the fused kernel wins for narrow layers and small r·N, the split path for
-wide ones (e.g. in = out = 4096 at r = 256, where the fused kernel would do 15 extra
-t GEMMs, more than the teacher GEMM itself). This is a model, not a measurement: no
-GPU was available when it was written; ``python -m bench.kernels`` measures both.
+the H200 roofline (docs/design.md#measuring: figures derated to 700 TFLOP/s and
+3.5 TB/s, plus 4 µs per launch): the fused kernel wins for narrow layers and small
+r·N, the split path for wide ones (e.g. in = out = 4096 at r = 256, where the fused
+kernel would do 15 extra t GEMMs, more than the teacher GEMM itself). This is a model,
+not a measurement: no GPU was available when it was written; ``python -m bench.kernels``
+measures both.
 
 Save t or recompute it: the contract saves ``t = x·Vᵀ`` ([N, r], fp32 for half inputs)
 and this backend keeps that choice. Recomputing t in backward costs a full ``2·N·in·r``
@@ -84,7 +85,7 @@ from .triton_kernels.gemm import gemm_kernel
 FUSED_MAX_R = 256
 #: Widest span of output columns one fused-forward program covers (BLOCK_N·OUT_TILES).
 FUSED_OUT_SPAN = 256
-#: Roofline model of the fused-vs-split choice (H200 figures of DESIGN §6, derated).
+#: Roofline model of the fused-vs-split choice (H200 figures of docs/design.md#measuring, derated).
 MODEL_FLOPS = 700e12
 MODEL_BANDWIDTH = 3.5e12
 MODEL_LAUNCH_S = 4e-6
@@ -337,8 +338,9 @@ def backward(
     student_scale: torch.Tensor,
     needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dU, dmask, dV, dbias) from DESIGN §2; fresh 0-element tensors where not needed.
-    h = s·(dy·U) ⊙ mask is kept in fp32 between the kernels (see the dy kernel)."""
+    """(dx, dU, dmask, dV, dbias) from docs/design.md#the-op; fresh 0-element tensors
+    where not needed. h = s·(dy·U) ⊙ mask is kept in fp32 between the kernels (see the dy
+    kernel)."""
     out_f, r = U.shape
     if x.dtype == torch.float64 or r == 0:
         return reference.backward(grad_y, x, U, mask, V, t, teacher_weight, teacher_scale,

@@ -24,7 +24,8 @@ def check_inputs(
     teacher_scale: float | torch.Tensor,
     student_scale: float | torch.Tensor,
 ) -> None:
-    """Raise ``ValueError`` unless the op's inputs agree (DESIGN §2 shapes); never broadcast.
+    """Raise ``ValueError`` unless the op's inputs agree (shapes: docs/design.md#the-op);
+    never broadcast.
 
     Every tensor shares x's dtype, except that with float32 x the frozen teacher
     (``teacher_weight`` and ``teacher_bias`` together) may be stored in bfloat16 or
