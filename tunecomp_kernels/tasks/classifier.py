@@ -220,6 +220,70 @@ def measure_latency_pair(
     return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles (q1, q3), interquartile range, min and max of ``values``.
+
+    Raises:
+        ValueError: ``values`` is empty.
+    """
+    if not values:
+        raise ValueError("spread() needs at least one value")
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        q1 = q3 = ordered[0]
+    else:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    return {"median": statistics.median(ordered), "q1": q1, "q3": q3, "iqr": q3 - q1,
+            "min": ordered[0], "max": ordered[-1]}
+
+
+def _forward_seconds(model: nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    start = time.perf_counter()
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def measure_latency_spread(
+    first: nn.Module, second: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+    repeats: int = 20, warmup: int = 2,
+) -> dict[str, dict[str, float]]:
+    """Forward time of two models over several batches, interleaved, with its spread.
+
+    One repeat runs every batch of ``batches`` through both models, batch by batch,
+    alternating which model goes first, so that background load and cache state affect
+    both alike; a repeat's time is the mean over the batches, in ms. Returns
+    ``{"first": spread, "second": spread, "ratio": spread}`` (see :func:`spread`) over the
+    ``repeats`` repeats; ``ratio`` is each repeat's first / second time (> 1: ``second``
+    is faster). Both models' train/eval modes are restored.
+
+    Raises:
+        ValueError: no batches, or ``repeats`` < 1.
+    """
+    if not batches or repeats < 1:
+        raise ValueError(f"need batches and repeats >= 1, got {len(batches)} batches and "
+                         f"repeats={repeats}")
+    modes = [(m, m.training) for m in (first, second)]
+    times: tuple[list[float], list[float]] = ([], [])
+    try:
+        for m, _ in modes:
+            m.eval()
+        for i in range(warmup + repeats):
+            total = [0.0, 0.0]
+            for j, batch in enumerate(batches):
+                order = (0, 1) if (i + j) % 2 == 0 else (1, 0)
+                for k in order:
+                    total[k] += _forward_seconds((first, second)[k], batch)
+            if i >= warmup:
+                for k in (0, 1):
+                    times[k].append(1000.0 * total[k] / len(batches))
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    ratios = [a / b for a, b in zip(*times)]
+    return {"first": spread(times[0]), "second": spread(times[1]), "ratio": spread(ratios)}
+
+
 def saved_size(model: nn.Module) -> int:
     """Bytes on disk of ``model.save_pretrained`` (safetensors), in a temporary directory
     that is removed afterwards; no Hugging Face progress bar."""

