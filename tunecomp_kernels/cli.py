@@ -155,6 +155,22 @@ def _compress(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# --- tunecomp predict -------------------------------------------------------------------
+
+def _predict_args(parser: argparse.ArgumentParser) -> None:
+    from .tasks.predict import add_arguments
+
+    add_arguments(parser)
+
+
+@command("predict", "label the texts of a file with a model saved by tunecomp compress")(
+    _predict_args)
+def _predict(args: argparse.Namespace) -> int:
+    from .tasks.predict import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
