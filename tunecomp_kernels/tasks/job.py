@@ -9,8 +9,10 @@ run (TuneComp), measure it against the dense model, save and verify it.
 3. optionally fine-tune the dense model for comparison;
 4. TuneComp (:func:`~tunecomp_kernels.compress.pipelines.tunecomp_joint`) with one
    progress bar, val accuracy every ``eval_every`` steps and checkpoints beside the output;
-5. evaluate, time both models, save with ``save_compressed`` (replacing only a model this
-   library saved), reload and compare predictions, attach ``summary.json``.
+5. evaluate, time both models (median and spread over repeats of a few test batches),
+   save with ``save_compressed`` and the tokenizer (replacing only a model this library
+   saved), reload and compare predictions, print the table and the headline line, and
+   attach ``summary.json`` and the PNG plots (:mod:`.plots`) as the model's own files.
 """
 
 from __future__ import annotations

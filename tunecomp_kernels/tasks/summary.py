@@ -1,5 +1,6 @@
-"""The summary of a ``tunecomp compress`` run: the table printed at the end and the
-``summary.json`` saved with the model."""
+"""The summary of a ``tunecomp compress`` run: the table printed at the end, the one-line
+headline (:func:`headline`) and the ``summary.json`` saved with the model, whose numbers
+carry their units in their names (:func:`with_units`, :data:`UNITS`)."""
 
 from __future__ import annotations
 
