@@ -148,7 +148,7 @@ def test_overwrite_replaces_the_plots_and_nothing_else(bert_dir, rows_csv, tmp_p
     assert (out / "val_curve.png").is_file()
     (tmp_path / "val_curve.png").write_bytes(b"the user's")  # beside, not in, the model
     capsys.readouterr()
-    monkeypatch.setattr(plots, "_pyplot", lambda: None)  # as without matplotlib
+    monkeypatch.setattr(plots, "_figure_class", lambda: None)  # as without matplotlib
     assert main(compress_argv(bert_dir, rows_csv, out, "--overwrite", steps=2)) == 0
     printed = capsys.readouterr().out
     assert printed.count("plots: skipped (matplotlib is not installed") == 1
