@@ -156,3 +156,17 @@ def test_compress_help_takes_its_defaults_from_the_settings(capsys):
     from tunecomp_kernels.tasks.compress_job import QUICK_MEASURED
 
     assert "under a minute" not in text and QUICK_MEASURED in text
+
+
+def test_predict_is_a_command_with_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--model DIR", "--data FILE", "--text-column NAME", "--output FILE",
+                   "--overwrite"):
+        assert option in text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--data", "x.csv"])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --model" in capsys.readouterr().err
