@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import TOLERANCE, rel_err
-from tiny_models import buffer_bytes, text_batches, tiny_llama
+from tiny_models import buffer_bytes, text_batches, tiny_bert, tiny_llama
 
 from tunecomp_kernels import MaskedLowRankLinear
-from tunecomp_kernels.compress import TuneCompConfig, prepare
+from tunecomp_kernels.compress import TuneCompConfig, prepare, train
 from tunecomp_kernels.compress.config import TEACHER_DTYPES
 
 
@@ -42,11 +42,21 @@ def test_bad_teacher_dtype_is_a_clear_error(value):
 
 
 @pytest.mark.parametrize("distill", ["logits", "hidden"])
-def test_distillation_with_a_reduced_teacher_is_refused(distill):
-    """The controller's teacher-only forward needs the teacher in the activations' dtype:
-    refused up front rather than failing in the first distillation step."""
-    with pytest.raises(ValueError, match=rf"does not work with distill='{distill}'"):
-        TuneCompConfig(teacher_dtype="bfloat16", distill=distill)
+def test_distillation_with_a_reduced_teacher(distill):
+    """The teacher-only forward upcasts the stored teacher: at step 0 (student = teacher
+    blend at α = 1) the distillation term is zero, and it trains afterwards."""
+    model = tiny_bert()
+    controller = prepare(model, TuneCompConfig(
+        target_ratio=0.5, blend_steps=3, total_steps=4, distill=distill, l1_lambda=0.0,
+        teacher_dtype="bfloat16"))
+    batches = [dict(b, output_hidden_states=True) for b in text_batches(4)]
+    out = model(**batches[0])
+    assert controller.regularization(out, batches[0]).item() == pytest.approx(0.0, abs=1e-6)
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-2), batches,
+          controller=controller, steps=2)
+    out = model(**batches[0])
+    reg = controller.regularization(out, batches[0])
+    assert reg.item() > 0 and torch.isfinite(reg)
 
 
 @pytest.mark.parametrize("teacher_dtype", TEACHER_DTYPES)

@@ -241,7 +241,7 @@ class TuneCompConfig:
         if not isinstance(self.compact_during_training, bool):
             raise TypeError("compact_during_training must be a bool, got "
                             f"{type(self.compact_during_training).__name__}")
-        _check_teacher_dtype(self.teacher_dtype, self.distill)
+        _check_teacher_dtype(self.teacher_dtype)
 
     def _check_steps(self) -> None:
         for name in ("total_steps", "blend_steps", "prune_end", "l1_decay_steps"):
@@ -388,17 +388,12 @@ def _integer(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def _check_teacher_dtype(teacher_dtype: object, distill: str) -> None:
+def _check_teacher_dtype(teacher_dtype: object) -> None:
     if teacher_dtype is None:
         return
     if teacher_dtype not in TEACHER_DTYPES:
         raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}; choose None (the "
                          f"model's dtype) or one of {list(TEACHER_DTYPES)}")
-    if distill != "none":
-        # the controller's teacher-only forward (teacher_mode) runs F.linear on the
-        # stored teacher, which needs it in the activations' dtype
-        raise ValueError(f"teacher_dtype={teacher_dtype!r} does not work with "
-                         f"distill={distill!r} yet; leave teacher_dtype=None")
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:

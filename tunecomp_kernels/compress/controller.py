@@ -440,5 +440,8 @@ class TuneCompController(LossTerms):
 
 
 def _teacher_only(layer: MaskedLowRankLinear, x: torch.Tensor) -> torch.Tensor:
-    """The frozen teacher of ``layer`` alone: ``x W₀ᵀ + b₀``."""
-    return torch.nn.functional.linear(x, layer.teacher_weight, layer.teacher_bias)
+    """The frozen teacher of ``layer`` alone: ``x W₀ᵀ + b₀`` (a teacher stored in a lower
+    precision, ``TuneCompConfig.teacher_dtype``, is upcast to the activations' dtype)."""
+    bias = layer.teacher_bias
+    return torch.nn.functional.linear(x, layer.teacher_weight.to(x.dtype),
+                                      None if bias is None else bias.to(x.dtype))
