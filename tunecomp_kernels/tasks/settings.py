@@ -100,8 +100,9 @@ class JobSettings:
     l1: float = _opt(_RECIPE["l1_lambda"], "L1 weight λ0 on the masks", COMP)
     distill: str = _opt(_RECIPE["distill"], "distillation against the frozen teacher "
                         "during the blend", COMP, choices=DISTILL_MODES)
-    backend: str = _opt(_RECIPE["backend"], "op backend of the low-rank layers", COMP,
-                        choices=("auto", *known_backends()))
+    # no argparse choices: TuneCompConfig's own "unknown backend" message names the choices
+    backend: str = _opt(_RECIPE["backend"], "op backend of the low-rank layers: auto, "
+                        + ", ".join(known_backends()), COMP, metavar="NAME")
     calibration_batches: int = _opt(8, "training batches of calibration data for the asvd "
                                     "and svd_llm initialisations", COMP)
 
@@ -150,6 +151,9 @@ class JobSettings:
             _number_in("min_confidence", self.min_confidence, -math.inf, math.inf)
             if self.data is not None and self.confidence_column is None:
                 raise SettingsError("min_confidence", "min_confidence needs confidence_column")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \
+                or not (math.isfinite(self.ratio) and 0.0 < self.ratio <= 1.0):
+            raise SettingsError("ratio", f"ratio must be in (0, 1], got {self.ratio}")
         self._check_paths()
         self.tunecomp_config()  # the recipe's fields are checked by the config itself
 
