@@ -70,6 +70,34 @@ def text_batches(n: int, seed: int = 1, batch: int = 4, length: int = 8,
     return out
 
 
+class TextRows(torch.utils.data.Dataset):
+    """``n`` rows of one :func:`text_batches` batch, as a map-style dataset for the HF
+    ``Trainer``."""
+
+    def __init__(self, n: int = 12) -> None:
+        batch = text_batches(1, batch=n)[0]
+        self.ids, self.labels = batch["input_ids"], batch["labels"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def trainer_args(tmp_path, max_steps: int = 3, **kw):
+    """Quiet, single-process CPU ``TrainingArguments`` for a few steps, no checkpoints
+    unless asked; ``kw`` overrides any field."""
+    import transformers
+
+    base = {"output_dir": str(tmp_path / "out"), "max_steps": max_steps,
+            "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": "none",
+            "save_strategy": "no", "logging_strategy": "no", "use_cpu": True,
+            "disable_tqdm": True, "dataloader_num_workers": 0, "seed": 0}
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
 def image_batches(n: int, seed: int = 1, batch: int = 4) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     return [{"pixel_values": torch.randn(batch, 3, 16, 16, generator=g),

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import text_batches, tiny_bert, tiny_gpt2
+from tiny_models import TextRows, text_batches, tiny_bert, tiny_gpt2
 
 from tunecomp_kernels.compress import (
     TuneCompConfig,
@@ -141,18 +141,6 @@ def test_guarded_save_on_other_ranks_writes_nothing(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int = 12) -> None:
-        batch = text_batches(1, batch=n)[0]
-        self.ids, self.labels = batch["input_ids"], batch["labels"]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
 @pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
                     reason="transformers.Trainer needs accelerate")
 def test_trainer_checkpoints_of_a_guarded_model_resume(tmp_path):
@@ -169,7 +157,7 @@ def test_trainer_checkpoints_of_a_guarded_model_resume(tmp_path):
         model = tiny_bert()
         controller = prepare(model, cfg)
         guard_save_pretrained(model)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=_Rows(),
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=TextRows(),
                                        callbacks=[TuneCompCallback(controller)])
         trainer.train(resume_from_checkpoint=resume)
         runs.append(controller)

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import text_batches, tiny_bert
+from tiny_models import TextRows, tiny_bert, trainer_args
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
@@ -30,29 +30,12 @@ from tunecomp_kernels.integrations.hf_trainer import (  # noqa: E402
 )
 
 
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int = 12) -> None:
-        batch = text_batches(1, batch=n)[0]
-        self.ids, self.labels = batch["input_ids"], batch["labels"]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
 def args(tmp_path, **kw):
-    base = {"output_dir": str(tmp_path / "out"), "max_steps": 4,
-            "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": "none",
-            "save_strategy": "no", "logging_strategy": "no", "use_cpu": True,
-            "disable_tqdm": True, "dataloader_num_workers": 0, "seed": 0}
-    base.update(kw)
-    return transformers.TrainingArguments(**base)
+    return trainer_args(tmp_path, **{"max_steps": 4, **kw})
 
 
 def trainer(tmp_path, model, callbacks=(), **kw):
-    return transformers.Trainer(model=model, args=args(tmp_path, **kw), train_dataset=Rows(),
+    return transformers.Trainer(model=model, args=args(tmp_path, **kw), train_dataset=TextRows(),
                                 callbacks=list(callbacks))
 
 
@@ -109,14 +92,14 @@ def test_distillation_needs_tunecomp_trainer(tmp_path, mode):
         t.train()
     assert controller.step_count == 0
     with pytest.raises(ValueError, match="adds its TuneCompCallback itself"):
-        TuneCompTrainer(model=model, args=args(tmp_path), train_dataset=Rows(),
+        TuneCompTrainer(model=model, args=args(tmp_path), train_dataset=TextRows(),
                         tunecomp=controller, callbacks=[TuneCompCallback(controller)])
 
 
 def test_tunecomp_trainer_distills_with_the_default_schedule(tmp_path):
     model = tiny_bert()
     controller = prepare(model, TuneCompConfig(target_ratio=0.5, distill="logits"))
-    TuneCompTrainer(model=model, args=args(tmp_path, max_steps=4), train_dataset=Rows(),
+    TuneCompTrainer(model=model, args=args(tmp_path, max_steps=4), train_dataset=TextRows(),
                     tunecomp=controller).train()
     assert controller.distill_terms == 2  # the blend's first half of 4 steps
     finalize(model)
@@ -141,8 +124,8 @@ def best_trainer(tmp_path, model, controller, step: int):
     kw = {"max_steps": 8, "eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps",
           "save_steps": 2, "load_best_model_at_end": True, "metric_for_best_model": "score",
           "greater_is_better": True, "per_device_eval_batch_size": 12}
-    return transformers.Trainer(model=model, args=args(tmp_path, **kw), train_dataset=Rows(),
-                                eval_dataset=Rows(), compute_metrics=best_at(step),
+    return transformers.Trainer(model=model, args=args(tmp_path, **kw), train_dataset=TextRows(),
+                                eval_dataset=TextRows(), compute_metrics=best_at(step),
                                 callbacks=[TuneCompCallback(controller)])
 
 

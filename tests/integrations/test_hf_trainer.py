@@ -7,10 +7,7 @@ import os
 
 import pytest
 import torch
-from tiny_models import (
-    text_batches,
-    tiny_bert,
-)
+from tiny_models import TextRows, tiny_bert, trainer_args
 
 transformers = pytest.importorskip("transformers")
 needs_accelerate = pytest.mark.skipif(
@@ -34,25 +31,8 @@ def test_old_import_path_is_an_alias():
     assert compress.TuneCompTrainer is integrations.TuneCompTrainer is TuneCompTrainer
 
 
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int = 12) -> None:
-        batch = text_batches(1, batch=n)[0]
-        self.ids, self.labels = batch["input_ids"], batch["labels"]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
 def args(tmp_path, **kw):
-    base = {"output_dir": str(tmp_path / "out"), "max_steps": 3,
-            "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": "none",
-            "save_strategy": "no", "logging_strategy": "no", "use_cpu": True,
-            "disable_tqdm": True, "dataloader_num_workers": 0, "seed": 0}
-    base.update(kw)
-    return transformers.TrainingArguments(**base)
+    return trainer_args(tmp_path, **kw)
 
 
 @needs_accelerate
@@ -60,7 +40,7 @@ def test_callback_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = tiny_bert()
     controller = prepare(model, TuneCompConfig(target_ratio=0.4, blend_steps=2, total_steps=3))
-    trainer = transformers.Trainer(model=model, args=args(tmp_path), train_dataset=Rows(),
+    trainer = transformers.Trainer(model=model, args=args(tmp_path), train_dataset=TextRows(),
                                    callbacks=[TuneCompCallback(controller)])
     trainer.train()
     assert controller.step_count == 3 and controller.teacher_freed
@@ -99,7 +79,7 @@ def test_trainer_with_distillation(tmp_path):
         return original(inputs)
 
     controller.teacher_forward = spy
-    trainer = TuneCompTrainer(model=model, args=args(tmp_path), train_dataset=Rows(),
+    trainer = TuneCompTrainer(model=model, args=args(tmp_path), train_dataset=TextRows(),
                               tunecomp=controller)
     trainer.train()
     assert controller.step_count == 3
@@ -112,7 +92,7 @@ def test_trainer_checkpoint_resume_restores_controller(tmp_path):
     model = tiny_bert()
     cfg = TuneCompConfig(target_ratio=0.4, blend_steps=3, total_steps=4)
     controller = prepare(model, cfg)
-    trainer = transformers.Trainer(model=model, args=args(tmp_path, **kw), train_dataset=Rows(),
+    trainer = transformers.Trainer(model=model, args=args(tmp_path, **kw), train_dataset=TextRows(),
                                    callbacks=[TuneCompCallback(controller)])
     trainer.train()
     ckpt = tmp_path / "out" / "checkpoint-2"
@@ -122,7 +102,7 @@ def test_trainer_checkpoint_resume_restores_controller(tmp_path):
     model2 = tiny_bert()
     controller2 = prepare(model2, cfg)
     trainer2 = transformers.Trainer(model=model2, args=args(tmp_path, **kw),
-                                    train_dataset=Rows(),
+                                    train_dataset=TextRows(),
                                     callbacks=[TuneCompCallback(controller2)])
     trainer2.train(resume_from_checkpoint=str(ckpt))
     assert controller2.step_count == 4

@@ -8,7 +8,13 @@ import importlib.util
 
 import pytest
 import torch
-from tiny_models import block_net, text_batches, tiny_bert, vector_batches
+from tiny_models import (
+    TextRows,
+    block_net,
+    tiny_bert,
+    trainer_args,
+    vector_batches,
+)
 from torch import nn
 
 from tunecomp_kernels.compress import TuneCompConfig, finalize, prepare
@@ -61,29 +67,9 @@ needs_hf_trainer = pytest.mark.skipif(
     reason="the HF Trainer needs transformers and accelerate")
 
 
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int = 24) -> None:
-        batch = text_batches(1, batch=n)[0]
-        self.ids, self.labels = batch["input_ids"], batch["labels"]
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-
 def _hf_args(tmp_path, **kw):
-    import transformers
-
     # no gradient clipping: in the masked run the dead masks' gradients count in the norm
-    base = {"output_dir": str(tmp_path / "out"), "max_steps": 6,
-            "per_device_train_batch_size": 4, "learning_rate": 1e-3, "report_to": "none",
-            "save_strategy": "no", "logging_strategy": "no", "use_cpu": True,
-            "disable_tqdm": True, "dataloader_num_workers": 0, "seed": 0,
-            "max_grad_norm": 0.0}
-    base.update(kw)
-    return transformers.TrainingArguments(**base)
+    return trainer_args(tmp_path, **{"max_steps": 6, "max_grad_norm": 0.0, **kw})
 
 
 def _hf_run(tmp_path, compact: bool, resume: str | None = None, **kw):
@@ -102,7 +88,7 @@ def _hf_run(tmp_path, compact: bool, resume: str | None = None, **kw):
             recorder.record()
 
     trainer = transformers.Trainer(model=model, args=_hf_args(tmp_path, **kw),
-                                   train_dataset=Rows(),
+                                   train_dataset=TextRows(24),
                                    callbacks=[TuneCompCallback(controller), Record()])
     trainer.train(resume_from_checkpoint=resume)
     return model, controller, trainer, recorder
