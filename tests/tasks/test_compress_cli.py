@@ -206,6 +206,18 @@ def test_decoder_without_pad_or_eos_is_one_line(rows_csv, tmp_path, capsys):
     _one_error_line(capsys, "no padding token and no end-of-sequence token")
 
 
+def test_a_ratio_below_what_the_layers_cost_at_min_rank_is_one_line(bert_dir, rows_csv,
+                                                                     tmp_path, capsys):
+    # known only once the model's layers are: after loading, before any training step
+    out = tmp_path / "run"
+    argv = compress_argv(bert_dir, rows_csv, out, steps=2) + ["--ratio", "0.001"]
+    assert main(argv) == 2
+    _one_error_line(capsys, "--ratio=0.001 is infeasible: the 12 targeted layers cost 896 "
+                            "parameters at min_rank=1, more than the budget 16 of 16384; "
+                            "use --ratio >= 0.0547")
+    assert not out.exists()
+
+
 # --- 4.: labels are normalised, dropped rows are counted --------------------------------
 
 

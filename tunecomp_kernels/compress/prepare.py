@@ -122,13 +122,18 @@ def _calibration_forward(forward: Callable[[nn.Module, Any], Any]) -> Callable[.
     return run
 
 
+class InfeasibleBudgetError(ValueError):
+    """``target_ratio`` is below what the targeted layers cost at ``min_rank``."""
+
+
 def check_feasible(infos: list[TargetInfo], config: TuneCompConfig) -> None:
-    """Raise if ``target_ratio`` is below what every layer at ``min_rank`` already costs."""
+    """Raise :class:`InfeasibleBudgetError` (a ``ValueError``) if ``target_ratio`` is below
+    what every layer at ``min_rank`` already costs."""
     total = sum(i.dense_params for i in infos)
     budget = math.floor(config.target_ratio * total)
     floor_params = min_feasible_params(infos, config.min_rank)
     if budget < floor_params:
-        raise ValueError(
+        raise InfeasibleBudgetError(
             f"target_ratio={config.target_ratio} is infeasible: the {len(infos)} targeted "
             f"layers cost {floor_params} parameters at min_rank={config.min_rank}, more than "
             f"the budget {budget} of {total}; use target_ratio >= {floor_params / total:.4f}"

@@ -98,6 +98,7 @@ def _translate(message: str, leading: str | None = None) -> str:
         message = re.sub(rf"{word}=True \({flag}\)", flag, message)
         message = re.sub(rf"{word}=True\b", flag, message)
         message = re.sub(rf"{word}=", f"{flag}=", message)
+        message = re.sub(rf"{word} (?=[<>]=? )", f"{flag} ", message)  # "use ratio >= 0.05"
         if "_" in name:
             message = re.sub(rf"(?<![-\w]){name}\b", flag, message)
     return message
@@ -135,6 +136,7 @@ def _interrupted(settings: st.JobSettings, paths, state) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tunecomp compress``; returns the exit status."""
+    from ..compress.prepare import InfeasibleBudgetError
     from .data import DataError
     from .job import JobState, SaveError, run_job
     from .run_dir import RunPathError, check_run_paths
@@ -149,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
     except (UsageError, RunPathError, DataError) as exc:
         field = str(exc).split(":", 1)[0] if isinstance(exc, RunPathError) else None
         print(f"{PROG}: error: {_translate(str(exc), field)}", file=sys.stderr)
+        return 2
+    except InfeasibleBudgetError as exc:  # known only once the model's layers are
+        print(f"{PROG}: error: {_translate(st.in_job_terms(str(exc)))}", file=sys.stderr)
         return 2
     except SaveError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -184,9 +184,7 @@ class JobSettings:
         try:
             return TuneCompConfig(**values)
         except (TypeError, ValueError) as exc:
-            message = str(exc)
-            for job_name, config_name in CONFIG_FIELDS.items():
-                message = re.sub(rf"\b{config_name}\b", job_name, message)
+            message = in_job_terms(str(exc))
             named = [n for n in CONFIG_FIELDS if re.search(rf"\b{n}\b", message)]
             raise SettingsError(named[0] if named else "ratio", message) from None
 
@@ -196,6 +194,13 @@ class JobSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def in_job_terms(message: str) -> str:
+    """A :class:`TuneCompConfig` message with its field names as this job's fields."""
+    for job_name, config_name in CONFIG_FIELDS.items():
+        message = re.sub(rf"\b{config_name}\b", job_name, message)
+    return message
 
 
 def full(**changes: Any) -> JobSettings:
