@@ -163,6 +163,9 @@ def _worker(out_dir: Path) -> None:
             result["fsdp2"]["export_max_diff"] = float((plain(x) - sharded_out).abs().max())
 
     torch.save(result, out_dir / f"rank{rank}.pt")
+    # a gloo rank that tears down while rank 0 is still exporting can abort ("terminate
+    # called without an active exception"): every rank waits for the others first
+    dist.barrier()
     dist.destroy_process_group()
 
 
