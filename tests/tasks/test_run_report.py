@@ -202,3 +202,12 @@ def test_latency_spread_interleaves_batches_and_gives_the_ratio():
     assert got["ratio"]["q1"] <= got["ratio"]["median"] <= got["ratio"]["q3"]
     with pytest.raises(ValueError, match="batches"):
         clf.measure_latency_spread(slow, fast, [], repeats=3)
+
+
+def test_latency_pair_is_the_spread_median_on_one_batch():
+    log: list = []
+    slow, fast = _Sleeper("slow", 0.003, log), _Sleeper("fast", 0.001, log)
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3)}
+    first, second = clf.measure_latency_pair(slow, fast, batch, repeats=4, warmup=1)
+    assert len(log) == 2 * 5  # every repeat and the warm-up run both models once
+    assert first >= 3.0 and second >= 1.0  # lower bounds only: the machine is shared

@@ -196,28 +196,14 @@ def measure_latency(
     return 1000.0 * statistics.median(times)
 
 
-@torch.no_grad()
 def measure_latency_pair(
     first: nn.Module, second: nn.Module, batch: dict[str, torch.Tensor], repeats: int = 20,
     warmup: int = 3,
 ) -> tuple[float, float]:
     """Median forward time (ms) of two models on ``batch``, timed alternately so that
-    background load affects both alike."""
-    modes = [(m, m.training) for m in (first, second)]
-    times: tuple[list[float], list[float]] = ([], [])
-    try:
-        for m, _ in modes:
-            m.eval()
-        for i in range(warmup + repeats):
-            for k, m in enumerate((first, second)):
-                start = time.perf_counter()
-                m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                if i >= warmup:
-                    times[k].append(time.perf_counter() - start)
-    finally:
-        for m, mode in modes:
-            m.train(mode)
-    return 1000.0 * statistics.median(times[0]), 1000.0 * statistics.median(times[1])
+    background load affects both alike (:func:`measure_latency_spread` on one batch)."""
+    result = measure_latency_spread(first, second, [batch], repeats=repeats, warmup=warmup)
+    return result["first"]["median"], result["second"]["median"]
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
