@@ -82,3 +82,20 @@ def make_inputs(
         "teacher_bias": rnd(out_f) if teacher and teacher_bias else None,
     }
     return inputs
+
+
+def op_recorder():
+    """A ``TorchDispatchMode`` that lists every dispatcher op called inside it (``.ops``):
+    how the tests check that a call crosses exactly one op boundary."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return RecordOps()

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DEVICES, backend_params, make_inputs
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import DEVICES, backend_params, make_inputs, op_recorder
 
 from tunecomp_kernels import MaskedLowRankLinear, masked_lowrank_linear
 from tunecomp_kernels.ops.backends import backend_serves, load_backend
-
-
-class RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
 
 LAYOUTS = ["contiguous", "strided", "transposed", "expanded", "params-transposed",
            "empty-params-transposed"]
@@ -106,7 +94,7 @@ def test_one_op_boundary_per_call(backend):
     layer.set_teacher(torch.randn(7, 9), torch.randn(7))
     layer.teacher_scale = 0.5
     x = torch.randn(3, 9)
-    with torch.no_grad(), RecordOps() as rec:
+    with torch.no_grad(), op_recorder() as rec:
         layer(x)
     assert rec.ops == [f"tunecomp.masked_lowrank_{backend}.default"], rec.ops
 

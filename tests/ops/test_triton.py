@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from helpers import TOLERANCE, assert_close, make_inputs  # noqa: E402
+from helpers import TOLERANCE, assert_close, make_inputs, op_recorder  # noqa: E402
 
 from tunecomp_kernels import MaskedLowRankLinear, masked_lowrank_linear  # noqa: E402
 from tunecomp_kernels.ops.backends import unavailable_reason  # noqa: E402
@@ -441,22 +441,11 @@ def test_gpu_compile_fullgraph_and_opcheck(dtype):
 @pytest.mark.gpu
 def test_gpu_one_op_boundary_per_call():
     """The GPU registration is a triton_op: an eager call is still one dispatcher op."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     layer = MaskedLowRankLinear(64, 48, 16, backend="triton").to("cuda", torch.float16)
     layer.set_teacher(torch.randn(48, 64, device="cuda"))
     layer.teacher_scale = 0.5
     x = torch.randn(100, 64, device="cuda", dtype=torch.float16)
-    with torch.no_grad(), Record() as rec:
+    with torch.no_grad(), op_recorder() as rec:
         layer(x)
     assert rec.ops == ["tunecomp.masked_lowrank_triton.default"], rec.ops
 
