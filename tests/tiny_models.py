@@ -152,3 +152,29 @@ def ce_loss(outputs, batch):
 
 def buffer_bytes(model: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def lightning_block_module(config, make_optimizer=None):
+    """A ``LightningModule`` training :func:`block_net` (seed 0) under TuneComp with
+    ``config`` (``module.tunecomp`` is the controller); ``make_optimizer(params)`` builds
+    its optimiser (default AdamW, lr 1e-2)."""
+    import lightning.pytorch as L
+
+    from tunecomp_kernels.compress import prepare
+
+    class BlockModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = block_net(seed=0)
+            self.tunecomp = prepare(self.net, config)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            if make_optimizer is None:
+                return torch.optim.AdamW(self.parameters(), lr=1e-2)
+            return make_optimizer(self.parameters())
+
+    return BlockModule()

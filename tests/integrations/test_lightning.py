@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 from tiny_models import (
-    block_net,
+    lightning_block_module,
     vector_batches,
 )
 from torch import nn
 
-from tunecomp_kernels.compress import TuneCompConfig, prepare
+from tunecomp_kernels.compress import TuneCompConfig
 
 STEPS = 6
 
@@ -47,20 +47,6 @@ def config(**kw) -> TuneCompConfig:
     return TuneCompConfig(**base)
 
 
-class Module(L.LightningModule):
-    def __init__(self, cfg: TuneCompConfig) -> None:
-        super().__init__()
-        self.net = block_net(seed=0)
-        self.tunecomp = prepare(self.net, cfg)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-
 class StopAt(L.Callback):
     """Interrupts a run after ``step`` optimiser steps (as a crash would)."""
 
@@ -86,7 +72,7 @@ def trainer(tmp_path, callback, **kw):
 
 
 def test_runs_the_schedule(tmp_path):
-    module = Module(config())
+    module = lightning_block_module(config())
     callback = TuneCompLightningCallback(module.tunecomp)
     calls = []
     original = module.tunecomp.add_l1_gradients
@@ -102,7 +88,7 @@ def test_runs_the_schedule(tmp_path):
 
 
 def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
-    module = Module(config(blend_steps=1))
+    module = lightning_block_module(config(blend_steps=1))
     callback = TuneCompLightningCallback(module.tunecomp, log=False)
     t = trainer(tmp_path, callback, max_steps=2, accumulate_grad_batches=3)
     t.fit(module, loader(6))
@@ -110,7 +96,7 @@ def test_gradient_accumulation_steps_once_per_optimizer_step(tmp_path):
 
 
 def test_l1_gradient_reaches_the_masks(tmp_path):
-    module = Module(config(l1_lambda=0.5, blend_steps=1))
+    module = lightning_block_module(config(l1_lambda=0.5, blend_steps=1))
     layer = next(iter(module.tunecomp.layers.values()))
     seen = {}
 
@@ -122,7 +108,7 @@ def test_l1_gradient_reaches_the_masks(tmp_path):
     t = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False, enable_model_summary=False,
                   default_root_dir=str(tmp_path), callbacks=[callback, Spy()])
-    reference = Module(config(l1_lambda=0.5, blend_steps=1))
+    reference = lightning_block_module(config(l1_lambda=0.5, blend_steps=1))
     x, y = vector_batches(1)[0]
     nn.functional.cross_entropy(reference.net(x), y).backward()
     ref_layer = next(iter(reference.tunecomp.layers.values()))
@@ -133,12 +119,12 @@ def test_l1_gradient_reaches_the_masks(tmp_path):
 
 def test_resume_after_the_blend_equals_an_uninterrupted_run(tmp_path):
     # uninterrupted: 6 steps
-    full = Module(config())
+    full = lightning_block_module(config())
     trainer(tmp_path / "a", TuneCompLightningCallback(full.tunecomp, log=False)).fit(
         full, loader(1))
     # interrupted at step 4 (teachers already freed at step 3), resumed in a fresh process
     # state: a newly prepared module (it has teachers again) and the checkpoint
-    first = Module(config())
+    first = lightning_block_module(config())
     t1 = trainer(tmp_path / "b", TuneCompLightningCallback(first.tunecomp, log=False))
     t1.callbacks.append(StopAt(4))
     t1.fit(first, loader(1))
@@ -148,10 +134,10 @@ def test_resume_after_the_blend_equals_an_uninterrupted_run(tmp_path):
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
     assert "teacher_weight" not in " ".join(saved)
     # pruned ranks were compacted away: the weights are smaller than a fresh module's
-    fresh_sizes = {k: v.shape for k, v in Module(config()).state_dict().items()}
+    fresh_sizes = {k: v.shape for k, v in lightning_block_module(config()).state_dict().items()}
     assert any(v.shape != fresh_sizes[k] for k, v in saved.items() if k.endswith(".mask"))
 
-    resumed = Module(config())
+    resumed = lightning_block_module(config())
     assert not resumed.tunecomp.teacher_freed
     callback = TuneCompLightningCallback(resumed.tunecomp, log=False)
     trainer(tmp_path / "c", callback).fit(resumed, loader(1), ckpt_path=str(ckpt))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import (
     TextRows,
-    block_net,
+    lightning_block_module,
     tiny_bert,
     trainer_args,
     vector_batches,
@@ -137,20 +137,8 @@ def _lightning_run(tmp_path, compact: bool):
     cfg = TuneCompConfig(target_ratio=0.4, blend_steps=3, l1_lambda=1e-3,
                          l1_schedule="constant", compact_during_training=compact)
 
-    class Module(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = block_net(seed=0)
-            self.tunecomp = prepare(self.net, cfg)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=5e-2, momentum=0.9)
-
-    module = Module()
+    module = lightning_block_module(
+        cfg, lambda params: torch.optim.SGD(params, lr=5e-2, momentum=0.9))
     recorder = Recorder(module.tunecomp)
 
     class Record(L.Callback):
