@@ -51,7 +51,7 @@ def prune_to_budget(
     *,
     raw_budget: int,
     final_budget: int,
-    min_rank: int = 1,
+    min_rank: int | Sequence[int] = 1,
     per_param: bool = True,
 ) -> tuple[list[torch.Tensor], int]:
     """Prune the globally least important ranks until the budget holds.
@@ -62,13 +62,15 @@ def prune_to_budget(
         infos: per layer, its original dense shape.
         raw_budget: stop once ``Σ k·(in + out) <= raw_budget`` ...
         final_budget: ... or once ``Σ min(k·(in + out), in·out) <= final_budget``.
-        min_rank: never leave a layer with fewer alive ranks.
+        min_rank: never leave a layer with fewer alive ranks (one int for every layer, or
+            one per layer).
         per_param: rank by ``score / (in + out)`` instead of ``score``.
 
     Returns:
         ``(new_alive, pruned)``: fresh CPU bool tensors and the number of ranks pruned.
     """
     new_alive = [a.detach().to("cpu", torch.bool).clone() for a in alive]
+    floors = [min_rank] * len(infos) if isinstance(min_rank, int) else list(min_rank)
     ranks = [int(a.sum()) for a in new_alive]
     raw = sum(k * info.rank_cost for k, info in zip(ranks, infos))
     eff = sum(effective_cost(k, info) for k, info in zip(ranks, infos))
@@ -95,7 +97,7 @@ def prune_to_budget(
     for i, j in zip(layer_order, rank_order):
         if raw <= raw_budget or eff <= final_budget:
             break
-        if ranks[i] <= min_rank:
+        if ranks[i] <= floors[i]:
             continue
         info = infos[i]
         new_alive[i][j] = False
@@ -123,3 +125,19 @@ def hard_shrink(
     new[candidates[order]] = True
     # ranks above the threshold stay alive too (there are fewer than ``keep`` of them)
     return new | (alive & (mag > threshold))
+
+
+def prune_within_layer(alive: torch.Tensor, score: torch.Tensor, keep: int) -> torch.Tensor:
+    """``alive`` with its least important ranks removed until at most ``keep`` remain
+    (lowest ``score`` first, ties to the higher index; compared in float64 on the CPU, so
+    deterministic). CPU bool ``[r]``; unchanged when ``keep`` already holds."""
+    alive = alive.detach().to("cpu", torch.bool).clone()
+    excess = int(alive.sum()) - keep
+    if excess <= 0:
+        return alive
+    idx = alive.nonzero().flatten()
+    key = torch.nan_to_num(score.detach().to("cpu", torch.float64)[idx], nan=0.0)
+    # stable sort on -key keeps the lower index first among equals, so it is dropped last
+    order = torch.sort(-key, stable=True).indices
+    alive[idx[order[keep:]]] = False
+    return alive

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..nn.init import INIT_METHODS
 from ..ops.backends import check_backend_name
+from .allocation import ALLOCATIONS
 
 BLENDS = ("sine_power", "sine_affine", "linear", "cosine")
 L1_SCHEDULES = ("constant", "linear", "cosine")
@@ -139,6 +140,20 @@ class TuneCompConfig:
             ends) along ``budget_schedule`` (``"cubic"``, ``"linear"`` or ``"cosine"``).
         prune_end_fraction: ``prune_end`` as a fraction of the run, in ``[0, 1]``
             (exclusive with ``prune_end``).
+        prune_start_fraction: ``prune_start`` as a fraction of the run (exclusive with a
+            ``prune_start`` > 0): pruning waits until the task head has warmed up.
+        allocation: how the budget is shared between layers (:mod:`~.allocation`):
+            ``"adaptive"`` (default: global ranking on the current scores during
+            training), or planned before training from the init's spectrum —
+            ``"global"``, ``"uniform"``, ``"floor"``, ``"sigma2"``. A planned allocation
+            leaves a layer dense (an ``nn.Linear``, fine-tuned) when its final rank would
+            not make it smaller, and prunes every other layer within itself.
+        allocation_floor: for ``"floor"``, the fraction of its uniform rank every layer
+            keeps, in ``[0, 1]``.
+        prune_fraction: with a planned allocation, each layer starts at
+            ``ceil(final_rank / (1 − prune_fraction))`` (capped at full rank), so that this
+            fraction of its starting ranks is pruned; ``None`` (default): start at
+            ``init_rank_ratio``. In ``[0, 1)``.
         score: rank importance for the global ranking: ``"magnitude"`` (default) =
             ``|mask_i|·‖U[:, i]‖·‖V[i, :]‖``, also when calibration data is given;
             ``"activation"`` weights the columns of V by the calibration inputs' RMS per
@@ -181,6 +196,10 @@ class TuneCompConfig:
     prune_start: int = 0
     prune_end: int | None = None
     prune_end_fraction: float | None = None
+    prune_start_fraction: float | None = None
+    allocation: str = "adaptive"
+    allocation_floor: float = 0.5
+    prune_fraction: float | None = None
     budget_schedule: str = RECIPE["budget_schedule"]
     score: str = RECIPE["score"]
     score_per_param: bool = True
@@ -224,6 +243,7 @@ class TuneCompConfig:
             raise ValueError(f"shrink_threshold must be >= 0, got {self.shrink_threshold}")
         self._check_steps()
         _choice("budget_schedule", self.budget_schedule, BUDGET_SCHEDULES)
+        self._check_allocation()
         _choice("score", self.score, SCORES)
         if not isinstance(self.score_per_param, bool):
             raise TypeError(
@@ -250,6 +270,13 @@ class TuneCompConfig:
                 _integer(name, value, minimum=1 if name == "total_steps" else 0)
         _integer("prune_start", self.prune_start, minimum=0)
         self.blend_fraction = _fraction("blend_fraction", self.blend_fraction)
+        if self.prune_start_fraction is not None:
+            self.prune_start_fraction = _fraction("prune_start_fraction",
+                                                  self.prune_start_fraction)
+            if self.prune_start:
+                raise ValueError(
+                    f"give prune_start={self.prune_start} (steps) or prune_start_fraction="
+                    f"{self.prune_start_fraction} (of the run), not both")
         if self.prune_end_fraction is not None:
             self.prune_end_fraction = _fraction("prune_end_fraction", self.prune_end_fraction)
             if self.prune_end is not None:
@@ -257,8 +284,41 @@ class TuneCompConfig:
                     f"give prune_end={self.prune_end} (steps) or prune_end_fraction="
                     f"{self.prune_end_fraction} (of the run), not both"
                 )
+        self._check_start_fraction()
         # everything that explicit step counts alone decide is checked now
         self.resolve_schedule(_NOMINAL_STEPS if self.total_steps is None else None)
+
+    def _check_start_fraction(self) -> None:
+        """A pruning start given as a fraction must not follow an end given as one."""
+        if self.prune_start_fraction is None or self.prune_end is not None:
+            return
+        if self.prune_end_fraction is not None:
+            end, name = self.prune_end_fraction, "prune_end_fraction"
+        elif self.blend_steps is None:
+            end, name = self.blend_fraction, "blend_fraction (the default prune end)"
+        else:
+            return
+        if self.prune_start_fraction > end:
+            raise ValueError(f"prune_start_fraction={self.prune_start_fraction} must be <= "
+                             f"{name}={end}")
+
+    def _check_allocation(self) -> None:
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        self.allocation_floor = _fraction("allocation_floor", self.allocation_floor)
+        if self.prune_fraction is not None:
+            self.prune_fraction = _number("prune_fraction", self.prune_fraction)
+            if not 0.0 <= self.prune_fraction < 1.0:
+                raise ValueError(f"prune_fraction must be in [0, 1), got {self.prune_fraction}")
+            if self.allocation == "adaptive":
+                raise ValueError(
+                    "prune_fraction needs a planned allocation (allocation='uniform', "
+                    "'global', 'floor' or 'sigma2'); with allocation='adaptive' the "
+                    "starting rank is init_rank_ratio")
+
+    @property
+    def planned_allocation(self) -> bool:
+        """Whether final ranks are planned before training (``allocation != "adaptive"``)."""
+        return self.allocation != "adaptive"
 
     # --- derived values ------------------------------------------------------------------
 
@@ -303,12 +363,16 @@ class TuneCompConfig:
             prune_end = steps_of(self.prune_end_fraction, total)
         else:
             prune_end = blend
-        if self.prune_start > prune_end:
-            raise ValueError(f"prune_start={self.prune_start} must be <= prune_end={prune_end}")
+        prune_start = (self.prune_start if self.prune_start_fraction is None
+                       else steps_of(self.prune_start_fraction, total))
+        # a start given as a fraction is only known in steps once the run length is
+        nominal = total == _NOMINAL_STEPS and self.prune_start_fraction is not None
+        if prune_start > prune_end and not nominal:
+            raise ValueError(f"prune_start={prune_start} must be <= prune_end={prune_end}")
         if prune_end > total:
             raise ValueError(f"prune_end={prune_end} must be <= total_steps={total}{where}")
         l1_end = prune_end if self.l1_decay_steps is None else self.l1_decay_steps
-        return Schedule(total, blend, self.prune_start, prune_end, l1_end)
+        return Schedule(total, blend, prune_start, prune_end, l1_end)
 
     @property
     def resolved_prune_end(self) -> int:

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
-from .budget import effective_cost, hard_shrink, prune_to_budget
+from .budget import effective_cost, hard_shrink, prune_to_budget, prune_within_layer
 from .calibration import eval_mode
 from .compaction import RankStorage
 from .config import _NOMINAL_STEPS, Schedule, TuneCompConfig
@@ -107,6 +107,8 @@ class TuneCompController(LossTerms):
         *,
         activation_rms: dict[str, torch.Tensor] | None = None,
         forward: Callable[[nn.Module, Any], Any] = call_model,
+        final_ranks: dict[str, int] | None = None,
+        dense_layers: dict[str, TargetInfo] | None = None,
     ) -> None:
         if not layers:
             raise ValueError("TuneCompController needs at least one layer")
@@ -137,7 +139,12 @@ class TuneCompController(LossTerms):
         self._storage = RankStorage(self._mods, config.compact_during_training)
         self._alive_dev = [a.to(m.mask.device) for a, m in zip(self._alive, self._mods)]
         self._ranks = [m.rank for m in self._mods]
-        self.original_params = sum(i.dense_params for i in self._infos)
+        self._start_ranks = list(self._ranks)
+        self._final = None if final_ranks is None else [final_ranks[n] for n in self._names]
+        self.dense_layers = dict(dense_layers or {})
+        self.dense_params = sum(i.dense_params for i in self.dense_layers.values())
+        self.original_params = (sum(i.dense_params for i in self._infos)
+                                + self.dense_params)
         self.budget_params = math.floor(config.target_ratio * self.original_params)
         self.start_params = self.raw_params
         self.step_count = 0
@@ -155,13 +162,17 @@ class TuneCompController(LossTerms):
 
     @property
     def raw_params(self) -> int:
-        """``Σ k·(in + out)`` over alive ranks k (U and V of the low-rank forms)."""
-        return sum(k * i.rank_cost for k, i in zip(self._ranks, self._infos))
+        """``Σ k·(in + out)`` over alive ranks k (U and V of the low-rank forms), plus the
+        layers a planned allocation keeps dense."""
+        return (sum(k * i.rank_cost for k, i in zip(self._ranks, self._infos))
+                + self.dense_params)
 
     @property
     def current_params(self) -> int:
-        """The targeted layers' size if exported now: ``Σ min(k·(in + out), in·out)``."""
-        return sum(effective_cost(k, i) for k, i in zip(self._ranks, self._infos))
+        """The targeted layers' size if exported now: ``Σ min(k·(in + out), in·out)``, plus
+        the layers a planned allocation keeps dense."""
+        return (sum(effective_cost(k, i) for k, i in zip(self._ranks, self._infos))
+                + self.dense_params)
 
     @property
     def ratio(self) -> float:
@@ -310,6 +321,9 @@ class TuneCompController(LossTerms):
                               min(cfg.min_rank, self._alive[i].numel()))
             if not torch.equal(new, self._alive[i]):
                 self._set_alive(i, new)
+        if self._final is not None:
+            self._prune_layers(t)
+            return
         raw_budget = self.raw_budget_at(t)
         if self.raw_params > raw_budget and self.current_params > self.budget_params:
             new_alive, pruned = prune_to_budget(
@@ -321,6 +335,22 @@ class TuneCompController(LossTerms):
                 for i, a in enumerate(new_alive):
                     if not torch.equal(a, self._alive[i]):
                         self._set_alive(i, a)
+
+    def final_ranks(self) -> dict[str, int] | None:
+        """Per converted layer, the final rank a planned allocation gives it (``None`` for
+        ``allocation="adaptive"``, where the global budget decides during training)."""
+        return None if self._final is None else dict(zip(self._names, self._final))
+
+    def _prune_layers(self, t: int) -> None:
+        """Planned allocation: each layer goes from its starting rank to its final rank
+        along the budget schedule, dropping its own least important ranks."""
+        f_t = budget_fraction(self.config, t, self._schedule_at(t))
+        scores = None
+        for i, (k0, k1) in enumerate(zip(self._start_ranks, self._final)):
+            keep = k1 + math.floor((k0 - k1) * f_t)
+            if self._ranks[i] > keep:
+                scores = self.scores() if scores is None else scores
+                self._set_alive(i, prune_within_layer(self._alive[i], scores[i], keep))
 
     def _set_alive(self, i: int, alive: torch.Tensor) -> None:
         self._alive[i] = alive

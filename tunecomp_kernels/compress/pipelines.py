@@ -73,6 +73,10 @@ class TrainingPlan:
         keep_checkpoints: the newest checkpoints kept per phase.
         resume: continue an interrupted run from its checkpoints (same arguments, a fresh
             uncompressed model).
+        recovery_warmup: in a joint run, restart the learning-rate schedule (a fresh
+            ``make_scheduler(optimizer, rest)``: warm-up and decay) at the step the budget is
+            met, so the recovery phase trains at the full learning rate (the optimiser's
+            state is kept). Ignored without ``make_scheduler``.
 
     Raises:
         ValueError / TypeError: on a bad field, when the plan is built.
@@ -90,6 +94,7 @@ class TrainingPlan:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     resume: bool = False
+    recovery_warmup: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
@@ -118,13 +123,15 @@ class _Run:
         self.bar = ProgressBar(plan.steps) if plan.progress else None
 
     def phase(self, model: nn.Module, steps: int, name: str, *,
-              controller: TuneCompController | None = None, subdir: str | None = None) -> None:
-        """``steps`` optimiser steps with a fresh optimiser and schedule."""
+              controller: TuneCompController | None = None, subdir: str | None = None,
+              restart_at: int | None = None) -> None:
+        """``steps`` optimiser steps with a fresh optimiser and schedule (restarted at step
+        ``restart_at`` of the phase when given)."""
         if steps <= 0:
             return
         plan = self.plan
         optimizer = plan.make_optimizer(model)
-        scheduler = plan.make_scheduler(optimizer, steps) if plan.make_scheduler else None
+        scheduler = self._scheduler(optimizer, steps, restart_at)
         hooks = list(plan.callbacks) + ([self.bar] if self.bar is not None else [])
         part = train(model, optimizer, self.stream, controller=controller, steps=steps,
                      loss_fn=plan.loss_fn, forward=plan.forward, scheduler=scheduler,
@@ -135,6 +142,16 @@ class _Run:
         self.history.steps += part.steps
         self.history.losses.extend(part.losses)
         self.history.stats.extend(part.stats)
+
+    def _scheduler(self, optimizer: Any, steps: int, restart_at: int | None) -> Any:
+        make = self.plan.make_scheduler
+        if make is None:
+            return None
+        if restart_at is None or not 0 < restart_at < steps:
+            return make(optimizer, steps)
+        first, second = make(optimizer, restart_at), make(optimizer, steps - restart_at)
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [first, second],
+                                                     milestones=[restart_at])
 
     def _checkpointing(self, subdir: str | None) -> dict[str, Any]:
         plan = self.plan
@@ -184,8 +201,9 @@ def tunecomp_joint(
     controller = prepare(model, config, calibration, forward=plan.forward)
     if controller.schedule is None:  # the config gives the schedule in fractions of the run
         controller.fit_schedule(plan.steps)
+    restart = controller.schedule.prune_end if plan.recovery_warmup else None
     with _Run(plan, batches) as run:
-        run.phase(model, plan.steps, "joint", controller=controller)
+        run.phase(model, plan.steps, "joint", controller=controller, restart_at=restart)
     controller.finalize()
     return run.result(model, controller)
 

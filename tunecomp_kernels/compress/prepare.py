@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.init import lowrank_factors
+from ..nn.init import init_spectrum, lowrank_factors
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
+from .allocation import DENSE, plan_ranks, start_rank
 from .budget import min_feasible_params
 from .calibration import ActivationStats, collect_statistics
 from .config import TuneCompConfig
@@ -168,12 +169,38 @@ def _calibration_stats(
     return stats
 
 
+def planned_ranks(targets: dict[str, nn.Module], infos: dict[str, TargetInfo],
+                  config: TuneCompConfig, stats: dict[str, ActivationStats]) -> dict[str, int]:
+    """Each target's final rank under ``config.allocation`` (:data:`~.allocation.DENSE`
+    for one that stays dense), planned on the spectrum of the init's metric."""
+    spectra = []
+    for name, mod in targets.items():
+        st = stats.get(name)
+        spectra.append(init_spectrum(
+            dense_weight(mod), config.init,
+            input_abs_mean=None if st is None or config.init != "asvd" else st.abs_mean,
+            gram=None if st is None else st.gram, asvd_alpha=config.asvd_alpha))
+    ranks = plan_ranks(spectra, [infos[n] for n in targets], config.allocation,
+                       config.target_ratio, min_rank=config.min_rank,
+                       floor=config.allocation_floor)
+    return dict(zip(targets, ranks))
+
+
+def _start_rank(info: TargetInfo, config: TuneCompConfig, final_rank: int | None) -> int:
+    full = min(info.in_features, info.out_features)
+    if final_rank is not None and config.prune_fraction is not None:
+        return start_rank(final_rank, info, config.prune_fraction)
+    rank = min(full, max(config.min_rank, math.ceil(config.init_rank_ratio * full)))
+    # a planned layer never starts below its final rank
+    return rank if final_rank is None else max(rank, final_rank)
+
+
 def _student(mod: nn.Module, info: TargetInfo, config: TuneCompConfig,
-             stats: ActivationStats | None) -> MaskedLowRankLinear:
+             stats: ActivationStats | None, final_rank: int | None = None
+             ) -> MaskedLowRankLinear:
     """The low-rank student of one layer at the starting rank, its teacher attached and
     its parameters trainable exactly where the original's were."""
-    full = min(info.in_features, info.out_features)
-    rank = min(full, max(config.min_rank, math.ceil(config.init_rank_ratio * full)))
+    rank = _start_rank(info, config, final_rank)
     layer = build_lowrank(mod, info, rank, config.init, stats, asvd_alpha=config.asvd_alpha,
                           backend=config.backend)
     if config.keeps_teacher:
@@ -219,6 +246,11 @@ def prepare(
     carrying the original weight as its frozen teacher (unless ``blend_steps == 0``), with
     α_0 = 1 and α'_0 from the blend. Build the optimiser *after* calling this.
 
+    With a planned ``config.allocation`` each layer's final rank is fixed first from the
+    init's spectrum (:mod:`~.allocation`): a layer that would not end smaller than dense
+    stays as it is (fine-tuned dense), the others start at
+    ``ceil(final / (1 − prune_fraction))`` (or ``init_rank_ratio``).
+
     Args:
         model: any ``nn.Module`` with linear layers (HF BERT, GPT-2, Llama, ViT, ...).
         config: the run's :class:`TuneCompConfig` (default: ``TuneCompConfig()``).
@@ -247,14 +279,25 @@ def prepare(
     check_teacher_dtype(targets, config)
 
     stats = _calibration_stats(model, targets, config, calibration, forward)
-    layers = {name: _student(mod, infos[name], config, stats.get(name))
-              for name, mod in targets.items()}
+    final = planned_ranks(targets, infos, config, stats) if config.planned_allocation else {}
+    kept_dense = {n: infos[n] for n, k in final.items() if k == DENSE}
+    layers = {name: _student(mod, infos[name], config, stats.get(name), final.get(name))
+              for name, mod in targets.items() if name not in kept_dense}
+    if not layers:
+        raise ValueError(
+            f"allocation={config.allocation!r} keeps every targeted layer dense at "
+            f"target_ratio={config.target_ratio}: nothing to compress; lower target_ratio")
     for name, layer in layers.items():
         set_submodule(model, name, layer)
+    for name, info in kept_dense.items():
+        setattr(targets[name], INFO_ATTR, info)  # counted (dense) by reports and exports
     targets.clear()
     keep_layer_forwards(model, list(layers))
 
     setattr(model, CONFIG_ATTR, config)
     guard_save_pretrained(model)  # a plain save_pretrained would reload random layers
     rms = {n: s.rms.float() for n, s in stats.items()}
-    return TuneCompController(model, layers, config, activation_rms=rms, forward=forward)
+    return TuneCompController(
+        model, layers, config, activation_rms=rms, forward=forward,
+        final_ranks={n: final[n] for n in layers} if final else None,
+        dense_layers=kept_dense)

@@ -54,6 +54,24 @@ def svd_llm_factors(
     return U, V
 
 
+def init_spectrum(
+    weight: torch.Tensor,
+    init: str = "svd",
+    *,
+    input_abs_mean: torch.Tensor | None = None,
+    gram: torch.Tensor | None = None,
+    asvd_alpha: float = 0.5,
+) -> torch.Tensor:
+    """The singular values ``σ [min(in, out)]`` (float64, descending) that ``init``
+    truncates: of W (``svd``), of W·S (``asvd``), of W·L (``svd_llm``), i.e. each rank's
+    importance in the init's own metric. Same arguments and errors as
+    :func:`lowrank_factors`."""
+    U, V = lowrank_factors(weight, min(weight.shape), init, input_abs_mean=input_abs_mean,
+                           gram=gram, asvd_alpha=asvd_alpha)
+    # ‖U[:, i]‖ = √σ_i for every init (U = P·√σ with orthonormal P)
+    return U.pow(2).sum(0)
+
+
 def lowrank_factors(
     weight: torch.Tensor,
     rank: int,
