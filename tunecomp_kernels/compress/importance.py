@@ -103,9 +103,10 @@ class SensitivityScore:
     With one backward per step both give the same bits, and :meth:`update` with hooks
     attached adds nothing to what they recorded. A parameter with no recorded gradient in a
     step has ``I_t = 0``. Gradients must be unscaled (AMP ``GradScaler``: explicit mode after
-    ``scaler.unscale_(optimizer)``; hook mode sees scaled gradients). Under DDP, hooks see
-    each process's local gradient, :meth:`update` the averaged one; :meth:`scores` averages
-    over the processes either way. Sharded (FSDP2 DTensor) parameters are not supported.
+    ``scaler.unscale_(optimizer)``; hook mode sees scaled gradients). Under DDP (with its
+    default ``gradient_as_bucket_view=False``) hooks see each process's local gradient,
+    :meth:`update` the averaged one; :meth:`scores` averages over the processes either
+    way. Sharded (FSDP2 DTensor) parameters are not supported.
 
     **Memory.** Ī and Ū are per entry (the definition needs them), fp32 on each parameter's
     device: 2× the student's parameter count (U, mask, V) × 4 bytes, allocated at the first
