@@ -1,14 +1,25 @@
-"""The public op: ``masked_lowrank_linear``."""
+"""The public ops: ``masked_lowrank_linear`` and ``masked_lowrank_linear_distill``."""
 
 from __future__ import annotations
+
+import importlib
+import math
 
 import torch
 
 from .backends import resolve_backend
 from .contract import scale_dtype
 from .cuda_tables import shape_key as _shape_key
+from .distill_contract import feature_loss
 from .transforms import functorch_active, functorch_function
 from .validation import check_inputs
+
+#: Module registering each backend's distill ops (``OPS``). CUDA's delegates to Triton's.
+DISTILL_MODULES = {
+    "torch": "tunecomp_kernels.ops.reference_distill",
+    "triton": "tunecomp_kernels.ops.triton_distill",
+    "cuda": "tunecomp_kernels.ops.cuda_distill",
+}
 
 
 def masked_lowrank_linear(
@@ -94,3 +105,87 @@ def _auto_shape_key(backend: str, x: torch.Tensor, U: torch.Tensor) -> str:
     if backend != "auto" or x.device.type != "cuda":
         return ""
     return _shape_key(x, U)
+
+
+def masked_lowrank_linear_distill(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    mask: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_scale: float | torch.Tensor,
+    student_scale: float | torch.Tensor,
+    feature_weight: float | torch.Tensor,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`masked_lowrank_linear` with a per-layer feature loss injected into the
+    student's gradients (docs/design.md#the-method; contract: :mod:`.distill_contract`).
+
+    y is the blend ``a·(x W0ᵀ + b0) + s·((x Vᵀ ⊙ mask) Uᵀ + bias)``. With the teacher branch
+    ``y_t = x W0ᵀ + b0`` and the unscaled student branch ``y_s`` of the same call,
+    ``D = y_s − y_t`` and the loss ``ℓ = Σ D² / (Σ y_t² + eps)`` (eps:
+    :func:`.distill_contract.feature_eps`, 1e-12 per output element). The backward of y adds
+    ``feature_weight·∂ℓ/∂(U, mask, V, bias)`` to those gradients, with x and the
+    denominator held constant, so the caller's loss needs no change: the gradients are
+    those of ``L(y) + feature_weight·ℓ``. dx has no feature term; the teacher gets none.
+
+    Args:
+        x: ``[..., in]``; U: ``[out, r]``; mask: ``[r]``; V: ``[r, in]``; bias: ``[out]``
+            or None; all one dtype (float16, bfloat16, float32, float64) and device.
+        teacher_weight: frozen ``W0 [out, in]``, required (no teacher, no feature loss):
+            x's dtype, or bfloat16/float16 with float32 x. teacher_bias: ``[out]`` or None.
+        teacher_scale, student_scale: the blend's ``a`` and ``s``: floats or 0-d floating
+            tensors (not differentiated).
+        feature_weight: a float >= 0, or a 0-d floating tensor (its value is not read).
+        backend: ``"auto"`` or a name from :func:`tunecomp_kernels.available_backends`,
+            resolved as for :func:`masked_lowrank_linear`.
+
+    Returns:
+        ``(y, loss)``: y ``[..., out]`` in x's dtype (gradients flow to x, U, mask, V and
+        bias); loss ℓ of this call, a detached 0-d float32 tensor, for logging.
+
+    Raises:
+        TypeError / ValueError: a missing teacher, or a tensor, shape, dtype, device, scale
+            or feature weight that does not fit. RuntimeError: a backend that cannot run.
+    """
+    if teacher_weight is None:
+        raise ValueError("masked_lowrank_linear_distill needs teacher_weight: the feature "
+                         "loss compares the student branch with the teacher's")
+    x, U, mask, V, bias, teacher_weight, teacher_bias = _autocast(
+        x, U, mask, V, bias, teacher_weight, teacher_bias)
+    check_inputs(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale, student_scale)
+    _check_feature_weight(feature_weight)
+    scales = (_scale_tensor(v, x) for v in (teacher_scale, student_scale, feature_weight))
+    name = _resolve_distill_backend(backend, x.device.type, _auto_shape_key(backend, x, U))
+    op = getattr(torch.ops.tunecomp, f"masked_lowrank_distill_{name}")
+    y, _t, D, sums = op(x, U, mask, V, bias, teacher_weight, teacher_bias, *scales)
+    return y, feature_loss(D, sums).detach().to(torch.float32)
+
+
+def _check_feature_weight(value: object) -> None:
+    """A float >= 0 (finite), or a 0-d floating tensor whose value is not read (a GPU sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(f"feature_weight must be a float or a 0-d floating tensor, got a "
+                             f"{value.dtype} tensor of shape {list(value.shape)}")
+        return
+    if torch.compiler.is_compiling():
+        return  # may be symbolic under torch.compile; eager calls check it
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"feature_weight must be a float, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"feature_weight must be a finite float >= 0, got {value}")
+
+
+@torch.compiler.assume_constant_result
+def _resolve_distill_backend(requested: str, device_type: str, shape_key: str) -> str:
+    """:func:`resolve_backend`, then the chosen backend's distill ops registered."""
+    name = resolve_backend(requested, device_type, shape_key)
+    if name not in DISTILL_MODULES:
+        raise RuntimeError(f"backend {name!r} has no distill op; use one of "
+                           f"{sorted(DISTILL_MODULES)}")
+    importlib.import_module(DISTILL_MODULES[name])
+    return name

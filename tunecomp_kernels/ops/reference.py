@@ -172,3 +172,36 @@ def reference_float64(
             teacher = teacher + teacher_bias.to(d)
         y = y + teacher_scale * teacher
     return y
+
+
+def reference_distill_float64(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    mask: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_weight: torch.Tensor,
+    teacher_bias: torch.Tensor | None = None,
+    teacher_scale: float = 0.0,
+    student_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distill op (:mod:`.distill_contract`) as plain differentiable float64 PyTorch, for
+    tests: ``(y [..., out], ℓ)`` with ``ℓ = Σ D² / (Σ y_t² + eps)`` a 0-d tensor.
+
+    Inside ℓ, x is detached and so is the denominator, so that autograd of
+    ``L(y) + feature_weight·ℓ`` gives exactly the gradients the op injects."""
+    from .distill_contract import feature_eps
+
+    d = torch.float64
+    y = reference_float64(x, U, mask, V, bias, teacher_weight, teacher_bias,
+                          teacher_scale, student_scale)
+    xd = x.detach().to(d).reshape(-1, x.shape[-1])
+    y_s = ((xd @ V.to(d).t()) * mask.to(d)) @ U.to(d).t()
+    if bias is not None:
+        y_s = y_s + bias.to(d)
+    y_t = xd @ teacher_weight.detach().to(d).t()
+    if teacher_bias is not None:
+        y_t = y_t + teacher_bias.detach().to(d)
+    eps = feature_eps(y_t.shape[0], y_t.shape[1])
+    loss = (y_s - y_t).square().sum() / (y_t.square().sum().detach() + eps)
+    return y, loss

@@ -209,3 +209,22 @@ def register_transforms(fwd_name: str, bwd_name: str) -> None:
     ops = torch.ops.tunecomp
     _FUNCTIONS[fwd_name.split("::")[1].removeprefix("masked_lowrank_")] = _make_functions(
         getattr(ops, fwd_name.split("::")[1]), getattr(ops, bwd_name.split("::")[1]))
+
+
+def register_distill_transforms(fwd_name: str, bwd_name: str) -> None:
+    """Autocast and vmap rules of a distill op pair (:mod:`.distill_contract`). Autocast is
+    the blend op's rule (its first seven arguments are the same tensors). vmap runs the op
+    once per batch element for every batching, x alone included: the feature loss and its
+    sums belong to one call, and folding the batch into x's rows would pool them."""
+    _register_autocast(fwd_name)
+    fwd = getattr(torch.ops.tunecomp, fwd_name.split("::")[1]).default
+    bwd = getattr(torch.ops.tunecomp, bwd_name.split("::")[1]).default
+
+    def rule(op, n_out):  # noqa: ANN001, ANN202
+        def per_sample(info, in_dims, *args):  # noqa: ANN001, ANN202
+            outs = _per_sample(op, info.batch_size, in_dims, args)
+            return tuple(torch.stack(list(o)) for o in zip(*outs)), (0,) * n_out
+        return per_sample
+
+    torch.library.register_vmap(fwd_name, rule(fwd, 4))
+    torch.library.register_vmap(bwd_name, rule(bwd, 5))
