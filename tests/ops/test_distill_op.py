@@ -323,3 +323,27 @@ def test_compiled_matches_eager():
     torch.testing.assert_close(loss_c, loss_e)
     for name in GRAD_NAMES:
         torch.testing.assert_close(got[name].grad, want[name].grad)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_torch_func_grad_and_per_sample_grads(backend):
+    """torch.func.grad gives the autograd gradient (feature term included), and
+    vmap(grad) per-sample gradients equal one call per sample."""
+    inputs = make_inputs((3, 4), 12, 10, 3, torch.float32, teacher=True)
+    kwargs = {"teacher_weight": inputs["teacher_weight"], "teacher_bias": inputs["teacher_bias"],
+              "teacher_scale": 0.5, "student_scale": 0.9, "feature_weight": 0.7,
+              "backend": backend}
+
+    def f(U, x):
+        y, _loss = masked_lowrank_linear_distill(x, U, inputs["mask"], inputs["V"],
+                                                 inputs["bias"], **kwargs)
+        return y.square().sum()
+
+    U = inputs["U"].detach().requires_grad_()
+    f(U, inputs["x"]).backward()
+    torch.testing.assert_close(torch.func.grad(f)(inputs["U"], inputs["x"]), U.grad)
+    per_sample = torch.vmap(torch.func.grad(f), in_dims=(None, 0))(inputs["U"], inputs["x"])
+    for i in range(3):
+        torch.testing.assert_close(per_sample[i], torch.func.grad(f)(inputs["U"], inputs["x"][i]))
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(lambda u: f(u, inputs["x"]), (inputs["U"],), (torch.ones_like(U),))

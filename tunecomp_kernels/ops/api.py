@@ -11,7 +11,7 @@ from .backends import resolve_backend
 from .contract import scale_dtype
 from .cuda_tables import shape_key as _shape_key
 from .distill_contract import feature_loss
-from .transforms import functorch_active, functorch_function
+from .transforms import distill_functorch_function, functorch_active, functorch_function
 from .validation import check_inputs
 
 #: Module registering each backend's distill ops (``OPS``). CUDA's delegates to Triton's.
@@ -145,7 +145,11 @@ def masked_lowrank_linear_distill(
 
     Returns:
         ``(y, loss)``: y ``[..., out]`` in x's dtype (gradients flow to x, U, mask, V and
-        bias); loss ℓ of this call, a detached 0-d float32 tensor, for logging.
+        bias); loss ℓ of this call, a detached 0-d float32 tensor, for logging. The op
+        saves D ``[N, out]`` (fp32 for half inputs) for the backward: one activation of
+        y's size (twice it for half inputs) beyond what the blend op keeps. Under
+        ``torch.func`` transforms grad and vjp work (per-sample under vmap, each sample
+        with its own ℓ); forward-mode AD raises NotImplementedError.
 
     Raises:
         TypeError / ValueError: a missing teacher, or a tensor, shape, dtype, device, scale
@@ -160,8 +164,11 @@ def masked_lowrank_linear_distill(
     _check_feature_weight(feature_weight)
     scales = (_scale_tensor(v, x) for v in (teacher_scale, student_scale, feature_weight))
     name = _resolve_distill_backend(backend, x.device.type, _auto_shape_key(backend, x, U))
-    op = getattr(torch.ops.tunecomp, f"masked_lowrank_distill_{name}")
-    y, _t, D, sums = op(x, U, mask, V, bias, teacher_weight, teacher_bias, *scales)
+    args = (x, U, mask, V, bias, teacher_weight, teacher_bias, *scales)
+    if functorch_active():  # torch.func.grad & co. cannot run a custom op's own autograd
+        y, _t, D, sums = distill_functorch_function(name).apply(*args)
+    else:
+        y, _t, D, sums = getattr(torch.ops.tunecomp, f"masked_lowrank_distill_{name}")(*args)
     return y, feature_loss(D, sums).detach().to(torch.float32)
 
 

@@ -228,3 +228,57 @@ def register_distill_transforms(fwd_name: str, bwd_name: str) -> None:
 
     torch.library.register_vmap(fwd_name, rule(fwd, 4))
     torch.library.register_vmap(bwd_name, rule(bwd, 5))
+    ops = torch.ops.tunecomp
+    _DISTILL_FUNCTIONS[fwd_name.split("::")[1].removeprefix("masked_lowrank_distill_")] = (
+        _make_distill_function(getattr(ops, fwd_name.split("::")[1]),
+                               getattr(ops, bwd_name.split("::")[1])))
+
+
+_DISTILL_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+
+
+def distill_functorch_function(backend: str) -> type[torch.autograd.Function]:
+    """The ``autograd.Function`` form of backend ``backend``'s distill ops, for torch.func
+    transforms (grad, vjp, vmap of those), as :func:`functorch_function` is for the blend."""
+    return _DISTILL_FUNCTIONS[backend]
+
+
+def _make_distill_function(fwd, bwd) -> type[torch.autograd.Function]:  # noqa: ANN001
+    """The distill op pair as an ``autograd.Function`` (see :func:`_make_functions`). It has
+    no forward-mode rule: the feature term is injected into a backward pass only."""
+    BackwardFunction = _make_backward_function(bwd)  # noqa: N806  (a class)
+
+    class DistillFunction(torch.autograd.Function):
+        """``apply(x, U, mask, V, bias, W0, b0, a, s, feature_weight) -> (y, t, D, sums)``."""
+
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):  # noqa: ANN002, ANN205
+            return fwd(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):  # noqa: ANN001, ANN205
+            x, U, mask, V, bias, teacher_weight, _tb, a, s, fw = inputs
+            ctx.mark_non_differentiable(*output[1:])
+            ctx.save_for_backward(x, U, mask, V, *output[1:], teacher_weight,
+                                  a.detach().clone(), s.detach().clone(), fw.detach().clone())
+            ctx.has_bias = bias is not None
+
+        @staticmethod
+        def backward(ctx, grad_y, *_grads):  # noqa: ANN001, ANN002, ANN205
+            needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+            needs[4] = needs[4] and ctx.has_bias
+            if not any(needs):
+                return (None,) * 10
+            bits = sum(1 << i for i, n in enumerate(needs) if n)
+            grads = BackwardFunction.apply(bits, grad_y.contiguous(), *ctx.saved_tensors)
+            return (*(g if n else None for g, n in zip(grads, needs)), *(None,) * 5)
+
+        @staticmethod
+        def jvp(ctx, *tangents):  # noqa: ANN001, ANN205
+            raise NotImplementedError(
+                "masked_lowrank_linear_distill has no forward-mode derivative (jvp, jacfwd): "
+                "its feature loss acts through the backward pass only")
+
+    return DistillFunction
