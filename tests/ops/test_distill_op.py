@@ -7,11 +7,16 @@ import importlib
 
 import pytest
 import torch
-from helpers import TOLERANCE, assert_close, backend_params, make_inputs, rel_err
+from helpers import DEVICES, TOLERANCE, assert_close, backend_params, make_inputs, rel_err
 
 from tunecomp_kernels import masked_lowrank_linear, masked_lowrank_linear_distill
 from tunecomp_kernels.ops import reference
-from tunecomp_kernels.ops.backends import load_backend
+from tunecomp_kernels.ops.backends import (
+    backend_serves,
+    known_backends,
+    load_backend,
+    unavailable_reason,
+)
 from tunecomp_kernels.ops.reference import reference_distill_float64
 
 GRAD_NAMES = ("x", "U", "mask", "V", "bias")
@@ -27,8 +32,17 @@ SHAPES = [
 ]
 
 
-def _skip_unsupported(backend: str, dtype: torch.dtype) -> None:
-    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+def _any_device_backends() -> list:
+    """Every known backend, skipped when it cannot run here; which device it serves is
+    checked in the test (``_skip_unsupported``), so a GPU machine runs Triton on CUDA."""
+    return [pytest.param(n, id=n, marks=[pytest.mark.skip(reason=unavailable_reason(n))]
+                         if unavailable_reason(n) else []) for n in known_backends()]
+
+
+def _skip_unsupported(backend: str, dtype: torch.dtype, device: str = "cpu") -> None:
+    if not backend_serves(backend, device):
+        pytest.skip(f"backend {backend} does not serve {device} tensors")
+    if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("bf16 Triton is wrong in the CPU interpreter")
 
 
@@ -56,7 +70,7 @@ def run_and_compare(backend, inputs, dtype, a=0.3, s=0.8, fw=0.7, x_view=None, s
     # The loss is returned in float32 whatever x's dtype.
     assert_close(loss, loss_ref, torch.float32 if dtype == torch.float64 else dtype, "loss")
     g = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype).to(y.device)
     y.backward(dy)
     ((y_ref * dy.to(torch.float64)).sum() + fw * loss_ref).backward()
     for name, leaf in leaves.items():
@@ -67,12 +81,15 @@ def run_and_compare(backend, inputs, dtype, a=0.3, s=0.8, fw=0.7, x_view=None, s
     return {name: leaf.grad for name, leaf in leaves.items()}
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the CUDA backend's unverified-kernel note
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _any_device_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,in_f,out_f,rank", SHAPES)
-def test_against_float64(backend, dtype, lead, in_f, out_f, rank):
-    _skip_unsupported(backend, dtype)
-    run_and_compare(backend, make_inputs(lead, in_f, out_f, rank, dtype, teacher=True), dtype)
+def test_against_float64(backend, dtype, lead, in_f, out_f, rank, device):
+    _skip_unsupported(backend, dtype, device)
+    inputs = make_inputs(lead, in_f, out_f, rank, dtype, device, teacher=True)
+    run_and_compare(backend, inputs, dtype)
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -201,8 +218,10 @@ def _op_args(inputs: dict, grad: bool = True) -> tuple:
     tensors = [inputs[n] for n in GRAD_NAMES]
     if grad:
         tensors = [t.detach().requires_grad_() if t is not None else None for t in tensors]
-    return (*tensors, inputs["teacher_weight"], inputs["teacher_bias"], torch.tensor(0.4),
-            torch.tensor(1.3), torch.tensor(0.9))
+    dev = inputs["x"].device
+    return (*tensors, inputs["teacher_weight"], inputs["teacher_bias"],
+            torch.tensor(0.4, device=dev), torch.tensor(1.3, device=dev),
+            torch.tensor(0.9, device=dev))
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -223,12 +242,15 @@ def test_opcheck(backend, teacher_bias):
                           (dy, *plain, t, D, sums, *tail, [False, True, False, True, False]))
 
 
-@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", _any_device_backends())
 @pytest.mark.parametrize("lead,out_f", [((5,), 29), ((70,), 40), ((3, 33), 7)])
-def test_fused_forward_outputs_match_reference(backend, lead, out_f):
+def test_fused_forward_outputs_match_reference(backend, lead, out_f, device):
     """y, t, D and sums of each backend's forward op against the reference op: several row
     and column tiles, biases in the padding of partial tiles (which must not reach the sums)."""
-    inputs = make_inputs(lead, 20, out_f, 6, torch.float32, teacher=True)
+    _skip_unsupported(backend, torch.float32, device)
+    inputs = make_inputs(lead, 20, out_f, 6, torch.float32, device, teacher=True)
     args = _op_args(inputs, grad=False)
     got = _distill_ops(backend).forward(*args)
     want = _distill_ops("torch").forward(*args)

@@ -155,8 +155,6 @@ def _make_backward(bwd_packet: torch._ops.OpOverloadPacket) -> Callable:
         needs[4] = needs[4] and ctx.has_bias
         if not any(needs):
             return (None,) * 10
-        if grad_y is None:  # y unused by the loss: the feature term alone remains
-            grad_y = torch.zeros(*x.shape[:-1], U.shape[0], dtype=x.dtype, device=x.device)
         grads = bwd_packet(grad_y.contiguous(), x, U, mask, V, t, D, sums, teacher_weight,
                            a, s, fw, needs)
         out = tuple(g if need else None for g, need in zip(grads, needs))
