@@ -369,3 +369,18 @@ def test_torch_func_grad_and_per_sample_grads(backend):
         torch.testing.assert_close(per_sample[i], torch.func.grad(f)(inputs["U"], inputs["x"][i]))
     with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
         torch.func.jvp(lambda u: f(u, inputs["x"]), (inputs["U"],), (torch.ones_like(U),))
+
+
+def test_backend_without_distill_op_is_a_clear_error(monkeypatch):
+    """A registered backend with no distill module (a later or third-party one) is refused
+    by name, not with an AttributeError from torch.ops."""
+    from tunecomp_kernels.ops import backends
+
+    spec = backends.BackendSpec("blend_only", "tunecomp_kernels.ops.reference_op",
+                                lambda: (), (), -1, lambda: None)
+    monkeypatch.setitem(backends._REGISTRY, "blend_only", spec)
+    inputs = make_inputs((3,), 8, 6, 4, torch.float32, teacher=True)
+    with pytest.raises(RuntimeError, match="backend 'blend_only' has no distill op"):
+        masked_lowrank_linear_distill(
+            *(inputs[n] for n in GRAD_NAMES), teacher_weight=inputs["teacher_weight"],
+            teacher_scale=0.5, student_scale=1.0, feature_weight=0.5, backend="blend_only")
