@@ -8,7 +8,6 @@ named choices lists the allowed ones.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,14 +17,21 @@ from typing import Any
 from ..nn.init import INIT_METHODS
 from ..ops.backends import check_backend_name
 from .allocation import ALLOCATIONS
+from .config_checks import TEACHER_DTYPES as TEACHER_DTYPES  # noqa: F401 (public)
+from .config_checks import (
+    check_teacher_dtype,
+    choice,
+    fraction,
+    integer,
+    number,
+    patterns,
+)
 
 BLENDS = ("sine_power", "sine_affine", "linear", "cosine")
 L1_SCHEDULES = ("constant", "linear", "cosine")
 BUDGET_SCHEDULES = ("cubic", "linear", "cosine")
-SCORES = ("auto", "magnitude", "activation")
+SCORES = ("auto", "magnitude", "activation", "sensitivity")
 DISTILL_MODES = ("none", "logits", "hidden")
-#: Lower-precision dtypes the frozen teachers of a float32 model may be stored in.
-TEACHER_DTYPES = ("bfloat16", "float16")
 
 #: The joint recipe chosen on the validation split (``bench/results/reproduction_pilots.md``):
 #: the defaults of :class:`TuneCompConfig`, and what ``tunecomp compress`` and the
@@ -157,8 +163,9 @@ class TuneCompConfig:
         score: rank importance for the global ranking: ``"magnitude"`` (default) =
             ``|mask_i|·‖U[:, i]‖·‖V[i, :]‖``, also when calibration data is given;
             ``"activation"`` weights the columns of V by the calibration inputs' RMS per
-            channel (needs calibration data); ``"auto"`` is ``"activation"`` when
-            calibration data is given, else ``"magnitude"``.
+            channel (needs calibration data); ``"sensitivity"``: AdaLoRA's smoothed
+            sensitivity of the task loss (:mod:`~.scoring`; task-aware); ``"auto"`` is
+            ``"activation"`` when calibration data is given, else ``"magnitude"``.
         score_per_param: rank by importance per parameter freed (score / (in + out)).
 
     Distillation (optional, against the frozen teacher while it is alive, t < T)
@@ -215,80 +222,80 @@ class TuneCompConfig:
     )
 
     def __post_init__(self) -> None:
-        self.target_ratio = _number("target_ratio", self.target_ratio)
+        self.target_ratio = number("target_ratio", self.target_ratio)
         if not 0.0 < self.target_ratio <= 1.0:
             raise ValueError(f"target_ratio must be in (0, 1], got {self.target_ratio}")
-        self.include = None if self.include is None else _patterns("include", self.include)
-        self.exclude = _patterns("exclude", self.exclude)
+        self.include = None if self.include is None else patterns("include", self.include)
+        self.exclude = patterns("exclude", self.exclude)
         self._patterns = {
             "include": [re.compile(p) for p in (self.include or ())],
             "exclude": [re.compile(p) for p in self.exclude],
         }
-        _choice("init", self.init, INIT_METHODS)
-        self.init_rank_ratio = _number("init_rank_ratio", self.init_rank_ratio)
+        choice("init", self.init, INIT_METHODS)
+        self.init_rank_ratio = number("init_rank_ratio", self.init_rank_ratio)
         if not 0.0 < self.init_rank_ratio <= 1.0:
             raise ValueError(f"init_rank_ratio must be in (0, 1], got {self.init_rank_ratio}")
-        self.asvd_alpha = _number("asvd_alpha", self.asvd_alpha)
+        self.asvd_alpha = number("asvd_alpha", self.asvd_alpha)
         if self.asvd_alpha < 0:
             raise ValueError(f"asvd_alpha must be >= 0, got {self.asvd_alpha}")
-        _choice("blend", self.blend, BLENDS)
-        self.l1_lambda = _number("l1_lambda", self.l1_lambda)
+        choice("blend", self.blend, BLENDS)
+        self.l1_lambda = number("l1_lambda", self.l1_lambda)
         if self.l1_lambda < 0:
             raise ValueError(f"l1_lambda must be >= 0, got {self.l1_lambda}")
-        _choice("l1_schedule", self.l1_schedule, L1_SCHEDULES)
+        choice("l1_schedule", self.l1_schedule, L1_SCHEDULES)
         if self.l1_decay_steps is not None:
-            _integer("l1_decay_steps", self.l1_decay_steps, minimum=0)
-        self.shrink_threshold = _number("shrink_threshold", self.shrink_threshold)
+            integer("l1_decay_steps", self.l1_decay_steps, minimum=0)
+        self.shrink_threshold = number("shrink_threshold", self.shrink_threshold)
         if self.shrink_threshold < 0:
             raise ValueError(f"shrink_threshold must be >= 0, got {self.shrink_threshold}")
         self._check_steps()
-        _choice("budget_schedule", self.budget_schedule, BUDGET_SCHEDULES)
+        choice("budget_schedule", self.budget_schedule, BUDGET_SCHEDULES)
         self._check_allocation()
-        _choice("score", self.score, SCORES)
+        choice("score", self.score, SCORES)
         if not isinstance(self.score_per_param, bool):
             raise TypeError(
                 f"score_per_param must be a bool, got {type(self.score_per_param).__name__}"
             )
-        _integer("min_rank", self.min_rank, minimum=1)
-        _choice("distill", self.distill, DISTILL_MODES)
-        self.distill_weight = _number("distill_weight", self.distill_weight)
+        integer("min_rank", self.min_rank, minimum=1)
+        choice("distill", self.distill, DISTILL_MODES)
+        self.distill_weight = number("distill_weight", self.distill_weight)
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
-        self.distill_temperature = _number("distill_temperature", self.distill_temperature)
+        self.distill_temperature = number("distill_temperature", self.distill_temperature)
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         check_backend_name(self.backend)
         if not isinstance(self.compact_during_training, bool):
             raise TypeError("compact_during_training must be a bool, got "
                             f"{type(self.compact_during_training).__name__}")
-        _check_teacher_dtype(self.teacher_dtype)
+        check_teacher_dtype(self.teacher_dtype)
 
     def _check_steps(self) -> None:
         for name in ("total_steps", "blend_steps", "prune_end", "l1_decay_steps"):
             value = getattr(self, name)
             if value is not None:
-                _integer(name, value, minimum=1 if name == "total_steps" else 0)
-        _integer("prune_start", self.prune_start, minimum=0)
-        self.blend_fraction = _fraction("blend_fraction", self.blend_fraction)
+                integer(name, value, minimum=1 if name == "total_steps" else 0)
+        integer("prune_start", self.prune_start, minimum=0)
+        self.blend_fraction = fraction("blend_fraction", self.blend_fraction)
         if self.prune_start_fraction is not None:
-            self.prune_start_fraction = _fraction("prune_start_fraction",
+            self.prune_start_fraction = fraction("prune_start_fraction",
                                                   self.prune_start_fraction)
             if self.prune_start:
                 raise ValueError(
                     f"give prune_start={self.prune_start} (steps) or prune_start_fraction="
                     f"{self.prune_start_fraction} (of the run), not both")
         if self.prune_end_fraction is not None:
-            self.prune_end_fraction = _fraction("prune_end_fraction", self.prune_end_fraction)
+            self.prune_end_fraction = fraction("prune_end_fraction", self.prune_end_fraction)
             if self.prune_end is not None:
                 raise ValueError(
                     f"give prune_end={self.prune_end} (steps) or prune_end_fraction="
                     f"{self.prune_end_fraction} (of the run), not both"
                 )
-        self._check_start_fraction()
+        self._check_startfraction()
         # everything that explicit step counts alone decide is checked now
         self.resolve_schedule(_NOMINAL_STEPS if self.total_steps is None else None)
 
-    def _check_start_fraction(self) -> None:
+    def _check_startfraction(self) -> None:
         """A pruning start given as a fraction must not follow an end given as one."""
         if self.prune_start_fraction is None or self.prune_end is not None:
             return
@@ -303,10 +310,10 @@ class TuneCompConfig:
                              f"{name}={end}")
 
     def _check_allocation(self) -> None:
-        _choice("allocation", self.allocation, ALLOCATIONS)
-        self.allocation_floor = _fraction("allocation_floor", self.allocation_floor)
+        choice("allocation", self.allocation, ALLOCATIONS)
+        self.allocation_floor = fraction("allocation_floor", self.allocation_floor)
         if self.prune_fraction is not None:
-            self.prune_fraction = _number("prune_fraction", self.prune_fraction)
+            self.prune_fraction = number("prune_fraction", self.prune_fraction)
             if not 0.0 <= self.prune_fraction < 1.0:
                 raise ValueError(f"prune_fraction must be in [0, 1), got {self.prune_fraction}")
             if self.allocation == "adaptive":
@@ -424,61 +431,3 @@ class TuneCompConfig:
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
-
-
-# --- field checks ------------------------------------------------------------------------
-
-
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _fraction(name: str, value: object) -> float:
-    value = _number(name, value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
-
-
-def _integer(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
-def _check_teacher_dtype(teacher_dtype: object) -> None:
-    if teacher_dtype is None:
-        return
-    if teacher_dtype not in TEACHER_DTYPES:
-        raise ValueError(f"unknown teacher_dtype {teacher_dtype!r}; choose None (the "
-                         f"model's dtype) or one of {list(TEACHER_DTYPES)}")
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {list(choices)}")
-
-
-def _patterns(name: str, value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = (value,)
-    if not isinstance(value, (tuple, list)):
-        raise TypeError(
-            f"{name} must be a sequence of regular expressions, got {type(value).__name__}"
-        )
-    out = []
-    for pattern in value:
-        if not isinstance(pattern, str):
-            raise TypeError(f"{name} patterns must be str, got {type(pattern).__name__}")
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {exc}") from exc
-        out.append(pattern)
-    return tuple(out)

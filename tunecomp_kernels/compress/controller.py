@@ -16,7 +16,9 @@ Training loop contract (see :func:`~.training.train` for a ready-made loop)::
 1. sets α_t / α'_t on every layer; once α reaches 0 (t >= T) it drops the teachers
    (``MaskedLowRankLinear.drop_teacher``), freeing their memory;
 2. hard-shrinks: ranks with ``|mask| <= shrink_threshold`` die;
-3. enforces the global budget (:mod:`.budget`): the raw budget
+3. enforces the budget (:mod:`.budget`). With a planned allocation (:mod:`.allocation`)
+   each layer goes from its starting rank to its planned final rank along
+   ``budget_schedule``, dropping its own least important ranks. Otherwise the raw budget
    ``B + (R_0 − B)·f_t`` follows ``budget_schedule`` from the starting size R_0 (at
    ``prune_start``) to the final budget ``B = floor(target_ratio · Σ in·out)`` (at
    ``prune_end``); the globally least important ranks are pruned until the raw size is
@@ -35,18 +37,18 @@ The config's schedule is in fractions of the run unless it gives step counts;
 :meth:`TuneCompController.fit_schedule` fixes the run length (the trainer integrations
 call it from the trainer's planned steps).
 
-Pruning uses parameters only, no randomness and no data, with float64 scores and a
-stable sort on the CPU: every data-parallel rank holds the same parameters and therefore
-prunes the same ranks, without communication.
+Pruning uses no randomness, with float64 scores and a stable sort on the CPU. The
+parameter-only scores need no communication: every data-parallel rank holds the same
+parameters and therefore prunes the same ranks. The gradient-based
+``score="sensitivity"`` averages its scores over the processes and broadcasts rank 0's
+(:mod:`.scoring`), so every process prunes the same ranks too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,14 +56,14 @@ from torch import nn
 
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .budget import effective_cost, hard_shrink, prune_to_budget, prune_within_layer
-from .calibration import eval_mode
 from .compaction import RankStorage
 from .config import _NOMINAL_STEPS, Schedule, TuneCompConfig
 from .controller_state import STATE_VERSION, controller_state, load_controller_state
+from .controller_teacher import TeacherOutputs
 from .distill import LossTerms
 from .model_io import call_model
 from .schedules import ScheduleError, blend_scales, budget_fraction, l1_weight
-from .sharded import full_tensor as _full
+from .scoring import RankScorer
 from .sharded import gather_cpu as _gather_cpu
 from .sharded import laid_out_like as _laid_out_like
 from .targets import INFO_ATTR, TargetInfo
@@ -81,7 +83,7 @@ def controller_of(model: nn.Module) -> TuneCompController | None:
     return None if ref is None else ref()
 
 
-class TuneCompController(LossTerms):
+class TuneCompController(LossTerms, TeacherOutputs):
     """Schedules, pruning and teacher management for the layers :func:`prepare` made.
 
     Attributes:
@@ -129,12 +131,7 @@ class TuneCompController(LossTerms):
         self._mods = [self.layers[n] for n in self._names]
         self._infos: list[TargetInfo] = [getattr(m, INFO_ATTR) for m in self._mods]
         self.activation_rms = {k: v.detach() for k, v in (activation_rms or {}).items()}
-        if config.score == "activation":
-            missing = [n for n in self._names if n not in self.activation_rms]
-            if missing:
-                raise ValueError(
-                    f"score='activation' needs calibration statistics; missing for {missing[0]!r}"
-                )
+        self.scorer = RankScorer(self._mods, self._names, self.score_kind, self.activation_rms)
         self._alive = [torch.ones(m.rank, dtype=torch.bool) for m in self._mods]
         self._storage = RankStorage(self._mods, config.compact_during_training)
         self._alive_dev = [a.to(m.mask.device) for a, m in zip(self._alive, self._mods)]
@@ -225,8 +222,9 @@ class TuneCompController(LossTerms):
 
     @property
     def score_kind(self) -> str:
-        """The importance score in use: ``config.score``, with ``"auto"`` resolved to
-        ``"activation"`` when calibration statistics exist, else ``"magnitude"``."""
+        """The importance score in use (:mod:`.scoring`): ``config.score``, with
+        ``"auto"`` resolved to ``"activation"`` when calibration statistics exist, else
+        ``"magnitude"``."""
         if self.config.score != "auto":
             return self.config.score
         complete = all(n in self.activation_rms for n in self._names)
@@ -293,6 +291,7 @@ class TuneCompController(LossTerms):
         self._schedule_at(self.step_count + 1)
         self._storage.check(self._names)
         self.step_count += 1
+        self.scorer.step_end()
         self._apply(prune=True)
 
     def _apply(self, prune: bool) -> None:
@@ -308,8 +307,10 @@ class TuneCompController(LossTerms):
         if prune:
             self._shrink_and_prune(t)
             met = t >= sched.prune_end or self.current_params <= self.budget_params
+            before = self._storage.state(self._names)
             for i in self._storage.compact(self._alive, met):
                 self._set_alive(i, self._alive[i])
+                self.scorer.compacted(i, before[self._names[i]], self._storage.stored[i])
         self._zero_dead()
 
     def _shrink_and_prune(self, t: int) -> None:
@@ -363,22 +364,11 @@ class TuneCompController(LossTerms):
             if k < m.rank:
                 m.mask.masked_fill_(_laid_out_like(~a, m.mask), 0.0)
 
-    @torch.no_grad()
     def scores(self) -> list[torch.Tensor]:
-        """Per layer, the importance of each original rank (float64, CPU ``[r]``):
-        ``|mask_i|·‖U[:, i]‖·‖V[i, :]‖``, with V's columns weighted by the input RMS for
-        ``score="activation"``; 0 for ranks compacted away."""
-        out = []
-        for i, (name, m) in enumerate(zip(self._names, self._mods)):
-            u = _full(m.U.detach()).float().norm(dim=0)
-            v_mat = _full(m.V.detach()).float()
-            if self.score_kind == "activation":
-                rms = self.activation_rms[name].to(device=v_mat.device, dtype=v_mat.dtype)
-                v_mat = v_mat * rms
-            v = v_mat.norm(dim=1)
-            score = (_full(m.mask.detach()).float().abs() * u * v).to("cpu", torch.float64)
-            out.append(self._storage.expand(i, score, self._alive[i].numel()))
-        return out
+        """Per layer, the importance of each original rank (float64, CPU ``[r]``) by
+        :attr:`score_kind` (:mod:`.scoring`); 0 for ranks compacted away."""
+        return [self._storage.expand(i, score, self._alive[i].numel())
+                for i, score in enumerate(self.scorer.local_scores())]
 
     # --- teacher -----------------------------------------------------------------------
 
@@ -387,36 +377,6 @@ class TuneCompController(LossTerms):
         for m in self._mods:
             m.drop_teacher()
         self.teacher_freed = True
-
-    @contextlib.contextmanager
-    def teacher_mode(self) -> Iterator[None]:
-        """Within the block the converted layers compute their frozen teacher only
-        (``x W₀ᵀ + b₀``, as with α = 1, α' = 0) and the model is in eval mode; everything
-        else in the model (e.g. embeddings, heads, norms) is shared with the student, i.e.
-        the fine-tuned ones. Use it under ``torch.no_grad()`` to get teacher outputs for
-        distillation. The layers' blend scales are left alone, so a student graph built
-        before the block (``regularization(outputs, inputs)``) still backpropagates."""
-        if self.teacher_freed:
-            end = "the end of the blend" if self.schedule is None else (
-                f"step {self.schedule.blend_steps} (the end of the blend)")
-            raise RuntimeError(
-                f"the teacher was freed at {end}; teacher outputs are only available while "
-                "the blend runs"
-            )
-        try:
-            for m in self._mods:
-                # an instance attribute shadows the class's forward for this block only
-                m.forward = functools.partial(_teacher_only, m)
-            with eval_mode(self.model):
-                yield
-        finally:
-            for m in self._mods:
-                vars(m).pop("forward", None)
-
-    def teacher_forward(self, inputs: Any) -> Any:
-        """The teacher's outputs on ``inputs`` (no gradient), via :meth:`teacher_mode`."""
-        with torch.no_grad(), self.teacher_mode():
-            return self.forward(self.model, inputs)
 
     # --- reporting ---------------------------------------------------------------------
 
@@ -467,11 +427,3 @@ class TuneCompController(LossTerms):
                 teachers were already freed, so the run cannot continue from it.
         """
         load_controller_state(self, state)
-
-
-def _teacher_only(layer: MaskedLowRankLinear, x: torch.Tensor) -> torch.Tensor:
-    """The frozen teacher of ``layer`` alone: ``x W₀ᵀ + b₀`` (a teacher stored in a lower
-    precision, ``TuneCompConfig.teacher_dtype``, is upcast to the activations' dtype)."""
-    bias = layer.teacher_bias
-    return torch.nn.functional.linear(x, layer.teacher_weight.to(x.dtype),
-                                      None if bias is None else bias.to(x.dtype))

@@ -121,6 +121,7 @@ def controller_state(c: TuneCompController) -> dict[str, Any]:
         "config": c.config.to_dict(),
         "schedule_steps": None if c.schedule is None else c.schedule.total_steps,
         "activation_rms": {k: v.cpu().clone() for k, v in c.activation_rms.items()},
+        "scorer": c.scorer.state_dict(),
     }
 
 
@@ -153,6 +154,7 @@ def load_controller_state(c: TuneCompController, state: Any) -> None:
     c.activation_rms = {
         k: v.to(c.layers[k].V.device) for k, v in state["activation_rms"].items()
     }
+    c.scorer.load_state_dict(state.get("scorer"))
     if state["teacher_freed"] and not c.teacher_freed:
         c.free_teacher()
     c._apply(prune=False)
