@@ -168,6 +168,14 @@ class TuneCompConfig:
             ``"activation"`` when calibration data is given, else ``"magnitude"``.
         score_per_param: rank by importance per parameter freed (score / (in + out)).
 
+    Feature loss (per layer, while the teacher is alive, t < T)
+        feature_weight: β_0. Each layer's student branch is pulled towards its teacher
+            branch on the same forward, ``ℓ = Σ(y_s − y_t)² / Σ y_t²``, with weight
+            ``β_t = β_0·α_t`` (decaying with the blend); the gradient goes into the layer's
+            own U, mask, V and bias inside the op's backward
+            (:func:`~tunecomp_kernels.ops.masked_lowrank_linear_distill`), so no loss term
+            has to be added and no second teacher pass runs. 0 (default): off.
+
     Distillation (optional, against the frozen teacher while it is alive, t < T)
         distill: ``"none"``, ``"logits"`` (KL on softened logits) or ``"hidden"`` (MSE on
             hidden states).
@@ -211,6 +219,7 @@ class TuneCompConfig:
     score: str = RECIPE["score"]
     score_per_param: bool = True
     min_rank: int = 1
+    feature_weight: float = 0.0
     distill: str = RECIPE["distill"]
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
@@ -257,6 +266,9 @@ class TuneCompConfig:
                 f"score_per_param must be a bool, got {type(self.score_per_param).__name__}"
             )
         integer("min_rank", self.min_rank, minimum=1)
+        self.feature_weight = number("feature_weight", self.feature_weight)
+        if self.feature_weight < 0:
+            raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
         choice("distill", self.distill, DISTILL_MODES)
         self.distill_weight = number("distill_weight", self.distill_weight)
         if self.distill_weight < 0:

@@ -300,9 +300,12 @@ class TuneCompController(LossTerms, TeacherOutputs):
         self.alpha, self.student_alpha = blend_scales(cfg.blend, t, sched.blend_steps)
         if self.alpha == 0.0 and not self.teacher_freed:
             self.free_teacher()
+        beta = cfg.feature_weight * self.alpha
         for m in self._mods:
-            m.teacher_scale = self.alpha if m.teacher_weight is not None else 0.0
+            teacher = m.teacher_weight is not None
+            m.teacher_scale = self.alpha if teacher else 0.0
             m.student_scale = self.student_alpha
+            m.feature_weight = beta if teacher else 0.0
         self.l1_lambda = l1_weight(cfg, t, sched)
         if prune:
             self._shrink_and_prune(t)
@@ -394,7 +397,15 @@ class TuneCompController(LossTerms, TeacherOutputs):
             "budget_params": self.budget_params,
             "original_params": self.original_params,
             "teacher_freed": self.teacher_freed,
+            "feature_loss": self.feature_loss(),
         }
+
+    def feature_loss(self) -> float | None:
+        """The mean over layers of the feature loss ℓ of their last forward (None when
+        no layer computed one: ``feature_weight`` 0, or the teacher freed)."""
+        losses = [m.feature_loss for m in self._mods
+                  if m.feature_loss_active and m.feature_loss is not None]
+        return float(torch.stack(losses).mean()) if losses else None
 
     def finalize(self, *, allow_partial: bool = False) -> nn.Module:
         """:func:`~.finalize.finalize` the model (same errors, same ``allow_partial``);

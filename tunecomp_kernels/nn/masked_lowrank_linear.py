@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..ops.api import masked_lowrank_linear
+from ..ops.api import masked_lowrank_linear, masked_lowrank_linear_distill
 from ..ops.backends import check_backend_name
 from ..ops.validation import REDUCED_TEACHER_DTYPES, SUPPORTED_DTYPES
 from .init import INIT_METHODS, lowrank_factors
@@ -87,11 +87,14 @@ class MaskedLowRankLinear(nn.Module):
         # teacher_scale / student_scale setters: torch.compile reads them as data, so a
         # new α does not recompile. Non-persistent: state_dict keys are unchanged.
         scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        for name in ("teacher_scale_tensor", "student_scale_tensor"):
+        for name in ("teacher_scale_tensor", "student_scale_tensor", "feature_scale_tensor"):
             self.register_buffer(name, torch.zeros((), dtype=scale_dtype, device=device),
                                  persistent=False)
         self.teacher_scale = 0.0
         self.student_scale = 1.0
+        self.feature_weight = 0.0
+        #: ℓ of the last forward with a feature weight (detached 0-d fp32), else None.
+        self.feature_loss: torch.Tensor | None = None
         self.reset_parameters()
 
     # --- nn.Linear compatibility -------------------------------------------------------
@@ -152,14 +155,31 @@ class MaskedLowRankLinear(nn.Module):
     def student_scale(self, value: float) -> None:
         self._student_scale = self._set_scale("student_scale", value)
 
-    def _set_scale(self, name: str, value: float) -> float:
+    @property
+    def feature_weight(self) -> float:
+        """β, the weight of this layer's feature loss ``ℓ = Σ(y_s − y_t)² / Σ y_t²``
+        (student branch against teacher branch on the same forward,
+        :func:`~tunecomp_kernels.ops.masked_lowrank_linear_distill`); its gradient is
+        injected into U, mask, V and bias while a teacher is present and β > 0. Default 0."""
+        return self._feature_weight
+
+    @feature_weight.setter
+    def feature_weight(self, value: float) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"feature_weight must be >= 0, got {value}")
+        # its 0-d buffer is feature_scale_tensor: like the blend scales, a scale of a term
+        self._feature_weight = self._set_scale("feature_weight", value, "feature_scale")
+        # a bool for the forward's branch: torch.compile guards on it, not on β's value
+        self.feature_loss_active = self._feature_weight > 0
+
+    def _set_scale(self, name: str, value: float, buffer: str | None = None) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
             raise TypeError(f"{name} must be a float, got {type(value).__name__}")
         value = float(value)
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
         with torch.no_grad():
-            getattr(self, f"{name}_tensor").fill_(value)
+            getattr(self, f"{buffer or name}_tensor").fill_(value)
         return value
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202  (nn.Module's signature)
@@ -168,7 +188,8 @@ class MaskedLowRankLinear(nn.Module):
         # to_empty() (meta-device loading) leaves them uninitialised, and they are not in
         # the state_dict: refill them from the float values every time.
         for name, value in (("teacher_scale_tensor", self._teacher_scale),
-                            ("student_scale_tensor", self._student_scale)):
+                            ("student_scale_tensor", self._student_scale),
+                            ("feature_scale_tensor", self._feature_weight)):
             buf = self._buffers.get(name)
             if buf is None:
                 continue
@@ -186,6 +207,13 @@ class MaskedLowRankLinear(nn.Module):
         # (Dynamo would guard on its value), so it always blends the present teacher in.
         if not torch.compiler.is_compiling() and self._teacher_scale == 0.0:
             teacher = None
+        if teacher is not None and self.feature_loss_active:
+            y, self.feature_loss = masked_lowrank_linear_distill(
+                x, self.U, self.mask, self.V, self.bias, teacher_weight=teacher,
+                teacher_bias=self.teacher_bias, teacher_scale=self.teacher_scale_tensor,
+                student_scale=self.student_scale_tensor,
+                feature_weight=self.feature_scale_tensor, backend=self.backend)
+            return y
         return masked_lowrank_linear(
             x, self.U, self.mask, self.V, self.bias,
             teacher_weight=teacher,
