@@ -164,7 +164,8 @@ class TuneCompConfig:
             ``|mask_i|·‖U[:, i]‖·‖V[i, :]‖``, also when calibration data is given;
             ``"activation"`` weights the columns of V by the calibration inputs' RMS per
             channel (needs calibration data); ``"sensitivity"``: AdaLoRA's smoothed
-            sensitivity of the task loss (:mod:`~.scoring`; task-aware); ``"auto"`` is
+            sensitivity of the task loss (:mod:`~.scoring`; task-aware; DDP yes, FSDP2
+            sharded layers not yet: NotImplementedError); ``"auto"`` is
             ``"activation"`` when calibration data is given, else ``"magnitude"``.
         score_per_param: rank by importance per parameter freed (score / (in + out)).
 
