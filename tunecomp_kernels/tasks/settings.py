@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..compress.config import BLENDS, DISTILL_MODES, TuneCompConfig
+from ..compress.allocation import ALLOCATIONS
+from ..compress.config import BLENDS, DISTILL_MODES, SCORES, TuneCompConfig
 from ..nn.init import INIT_METHODS
 from ..ops.backends import known_backends
 from .data import unsupported_type
@@ -37,6 +38,9 @@ CONFIG_FIELDS = {
     "l1": "l1_lambda",
     "distill": "distill",
     "backend": "backend",
+    "score": "score",
+    "allocation": "allocation",
+    "feature_weight": "feature_weight",
 }
 
 
@@ -100,6 +104,14 @@ class JobSettings:
     l1: float = _opt(_RECIPE["l1_lambda"], "L1 weight λ0 on the masks", COMP)
     distill: str = _opt(_RECIPE["distill"], "distillation against the frozen teacher "
                         "during the blend", COMP, choices=DISTILL_MODES)
+    score: str = _opt(_RECIPE["score"], "rank importance for pruning (sensitivity: the "
+                      "task loss's, from the gradients)", COMP, choices=SCORES)
+    allocation: str = _opt(_RECIPE["allocation"], "how layers share the budget: adaptive "
+                           "(during training) or planned before it", COMP,
+                           choices=ALLOCATIONS)
+    feature_weight: float = _opt(_RECIPE["feature_weight"], "weight of the per-layer "
+                                 "feature loss (student vs teacher), decaying with the blend",
+                                 COMP)
     # no argparse choices: TuneCompConfig's own "unknown backend" message names the choices
     backend: str = _opt(_RECIPE["backend"], "op backend of the low-rank layers: auto, "
                         + ", ".join(known_backends()), COMP, metavar="NAME")
