@@ -63,6 +63,9 @@ def test_every_field_has_help_and_a_flag_that_maps_back():
     ({"min_confidence": float("nan")}, "min_confidence", "must be a finite number"),
     ({"model": "/nonexistent"}, "model", "model: directory not found"),
     ({"data": "/nonexistent.csv"}, "data", "data: file not found"),
+    ({"feature_weight": -1.0}, "feature_weight", "feature_weight must be >= 0"),
+    ({"allocation": "best"}, "allocation", "unknown allocation 'best'"),
+    ({"score": "fisher"}, "score", "unknown score 'fisher'"),
 ])
 def test_bad_settings_name_their_field(change, field, needle):
     with pytest.raises(SettingsError) as info:
@@ -87,3 +90,9 @@ def test_messages_are_translated_to_flags_in_one_place():
 ])
 def test_labels_are_normalised(raw, name):
     assert normalize_label(raw) == name
+
+
+def test_method_options_reach_the_config():
+    config = full(score="sensitivity", allocation="uniform", feature_weight=0.5).tunecomp_config()
+    assert (config.score, config.allocation, config.feature_weight) == (
+        "sensitivity", "uniform", 0.5)
