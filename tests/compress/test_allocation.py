@@ -209,3 +209,21 @@ def test_recovery_warmup_restarts_the_learning_rate_when_the_budget_is_met():
     # fresh 4-step decay from the full rate
     expected = [(6 - s) / 6 for s in range(1, 6)] + [(4 - s) / 4 for s in range(0, 4)] + [0.0]
     assert lrs == pytest.approx(expected[:len(lrs)], abs=1e-12) and len(lrs) == 10
+
+
+def test_init_auto_is_svd_llm_with_calibration_and_svd_without():
+    assert TuneCompConfig(init="auto").resolved(calibrated=True).init == "svd_llm"
+    assert TuneCompConfig(init="auto").resolved(calibrated=False).init == "svd"
+    assert TuneCompConfig(init="asvd").resolved(calibrated=False).init == "asvd"
+    torch.manual_seed(0)
+    batches = _batches(3)
+    calibrated = prepare(_Blocks(), TuneCompConfig(init="auto", total_steps=2),
+                         calibration=[x for x, _ in batches], forward=lambda m, b: m(b))
+    plain = prepare(_Blocks(), TuneCompConfig(init="auto", total_steps=2))
+    assert calibrated.config.init == "svd_llm" and plain.config.init == "svd"
+    # with calibration the student is exactly the explicit svd_llm one
+    torch.manual_seed(0)
+    reference = prepare(_Blocks(), TuneCompConfig(init="svd_llm", total_steps=2),
+                        calibration=[x for x, _ in batches], forward=lambda m, b: m(b))
+    for a, b in zip(calibrated.layers.values(), reference.layers.values()):
+        assert torch.equal(a.U, b.U) and torch.equal(a.V, b.V)

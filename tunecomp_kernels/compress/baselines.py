@@ -65,6 +65,7 @@ def compress_to_budget(
     of ones (U and V train); layers kept dense stay the original modules. ``config.init``
     chooses SVD / ASVD / SVD-LLM (the last two need ``calibration``).
     """
+    config = config.resolved(calibrated=calibration is not None)
     targets = select_targets(model, config)
     infos = make_target_infos(targets)
     check_feasible(list(infos.values()), config)

@@ -32,6 +32,9 @@ L1_SCHEDULES = ("constant", "linear", "cosine")
 BUDGET_SCHEDULES = ("cubic", "linear", "cosine")
 SCORES = ("auto", "magnitude", "activation", "sensitivity")
 DISTILL_MODES = ("none", "logits", "hidden")
+#: Student initialisations: ``"auto"`` is ``"svd_llm"`` when calibration data is given,
+#: else ``"svd"`` (:meth:`TuneCompConfig.resolved`).
+INITS = ("auto", *INIT_METHODS)
 
 #: The joint recipe chosen on the validation split (``bench/results/reproduction_pilots.md``):
 #: the defaults of :class:`TuneCompConfig`, and what ``tunecomp compress`` and the
@@ -111,8 +114,9 @@ class TuneCompConfig:
     The defaults are the recipe chosen on validation data (:data:`RECIPE`).
 
     Initialisation
-        init: ``"svd"`` (default), ``"asvd"`` or ``"svd_llm"`` (the last two need
-            calibration data).
+        init: ``"svd"``, ``"asvd"`` or ``"svd_llm"`` (the last two need calibration
+            data), or ``"auto"``: ``"svd_llm"`` when calibration data is given, else
+            ``"svd"``.
         init_rank_ratio: starting rank as a fraction of ``min(in, out)``, in ``(0, 1]``
             (default 0.75); it should start above the budget so that pruning has room.
         asvd_alpha: exponent of the ASVD activation scaling ``mean|x|^alpha``.
@@ -241,7 +245,7 @@ class TuneCompConfig:
             "include": [re.compile(p) for p in (self.include or ())],
             "exclude": [re.compile(p) for p in self.exclude],
         }
-        choice("init", self.init, INIT_METHODS)
+        choice("init", self.init, INITS)
         self.init_rank_ratio = number("init_rank_ratio", self.init_rank_ratio)
         if not 0.0 < self.init_rank_ratio <= 1.0:
             raise ValueError(f"init_rank_ratio must be in (0, 1], got {self.init_rank_ratio}")
@@ -404,6 +408,13 @@ class TuneCompConfig:
     def resolved_l1_decay_steps(self) -> int:
         """The step at which λ reaches 0 (needs a known run length)."""
         return self.resolve_schedule().l1_decay_steps
+
+    def resolved(self, calibrated: bool) -> TuneCompConfig:
+        """This config with ``init="auto"`` made concrete: ``"svd_llm"`` when calibration
+        data is given (``calibrated``), else ``"svd"``; the config itself otherwise."""
+        if self.init != "auto":
+            return self
+        return dataclasses.replace(self, init="svd_llm" if calibrated else "svd")
 
     @property
     def needs_calibration(self) -> bool:

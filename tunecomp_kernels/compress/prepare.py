@@ -272,6 +272,7 @@ def prepare(
     config = TuneCompConfig() if config is None else config
     if not isinstance(config, TuneCompConfig):
         raise TypeError(f"config must be a TuneCompConfig, got {type(config).__name__}")
+    config = config.resolved(calibrated=calibration is not None)
     targets = select_targets(model, config)
     infos = make_target_infos(targets)
     check_feasible(list(infos.values()), config)

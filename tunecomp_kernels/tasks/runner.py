@@ -183,7 +183,9 @@ def run_method(method: str, setup: TaskSetup, settings: JobSettings, plan: Train
     if method == "dense":
         return dense_finetune(model, setup.train_stream(batch, seed), plan)
     config = config if config is not None else settings.tunecomp_config()
-    needs = config.needs_calibration if method == "tunecomp" else config.init != "svd"
+    # init="auto" calibrates on training batches when the job has them (it always does)
+    needs = (config.needs_calibration or config.init == "auto" if method == "tunecomp"
+             else config.init != "svd")
     calib = (setup.calibration_batches(batch, settings.calibration_batches, seed)
              if needs else None)
     stream = setup.train_stream(batch, seed)
