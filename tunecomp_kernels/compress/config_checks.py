@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import re
 
+from ..nn.init import INIT_METHODS
+
 #: Lower-precision dtypes the frozen teachers of a float32 model may be stored in.
 TEACHER_DTYPES = ("bfloat16", "float16")
 
@@ -62,3 +64,10 @@ def patterns(name: str, value: object) -> tuple[str, ...]:
             raise ValueError(f"{name} pattern {pattern!r} is not a valid regex: {exc}") from exc
         out.append(pattern)
     return tuple(out)
+
+
+def check_init(init: object) -> None:
+    """``init`` is one of :data:`~tunecomp_kernels.nn.init.INIT_METHODS` or ``"auto"``."""
+    if init != "auto" and init not in INIT_METHODS:
+        raise ValueError(f"unknown init {init!r}; choose one of {list(INIT_METHODS)} or "
+                         "'auto' (svd_llm with calibration data, svd without)")

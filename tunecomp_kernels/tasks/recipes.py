@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from ..compress.config import RECIPE
+from ..compress.config import JOINT_LR, RECIPE
 from .settings import full
 
 #: The TuneComp joint recipe (TuneCompConfig's defaults) and the job's learning rate.
@@ -35,7 +35,7 @@ REPRODUCTION = {
     "max_length": 64,
     # each method's peak learning rate, chosen on val from {1e-4, 2e-4, 4e-4}
     # (bench/results/reproduction_pilots.md)
-    "lr": MappingProxyType({"dense": 1e-4, "seq_a": 1e-4, "seq_b": 1e-4, "tunecomp": 1e-4}),
+    "lr": MappingProxyType({"dense": 1e-4, "seq_a": 2e-4, "seq_b": 2e-4, "tunecomp": JOINT_LR}),
 }
 
 

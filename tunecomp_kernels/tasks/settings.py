@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compress.allocation import ALLOCATIONS
-from ..compress.config import BLENDS, DISTILL_MODES, INITS, SCORES, TuneCompConfig
+from ..compress.config import BLENDS, DISTILL_MODES, INITS, JOINT_LR, SCORES, TuneCompConfig
 from ..ops.backends import known_backends
 from .data import unsupported_type
 
@@ -121,7 +121,7 @@ class JobSettings:
     # --- training -------------------------------------------------------------------------
     steps: int = _opt(150, "optimiser steps", TRAIN)
     batch_size: int = _opt(32, "texts per batch", TRAIN)
-    lr: float = _opt(1e-4, "peak learning rate of AdamW", TRAIN)
+    lr: float = _opt(JOINT_LR, "peak learning rate of AdamW (the joint recipe's)", TRAIN)
     warmup_ratio: float = _opt(0.06, "linear warm-up share of each training phase, then "
                                "linear decay to 0", TRAIN)
     weight_decay: float = _opt(0.01, "AdamW weight decay (not on biases, norms, masks)", TRAIN)
