@@ -35,7 +35,7 @@ REPRODUCTION = {
     "max_length": 64,
     # each method's peak learning rate, chosen on val from {1e-4, 2e-4, 4e-4}
     # (bench/results/reproduction_pilots.md)
-    "lr": MappingProxyType({"dense": 1e-4, "seq_a": 2e-4, "seq_b": 2e-4, "tunecomp": JOINT_LR}),
+    "lr": MappingProxyType({"dense": 2e-4, "seq_a": 2e-4, "seq_b": 4e-4, "tunecomp": JOINT_LR}),
 }
 
 
