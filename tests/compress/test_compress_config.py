@@ -68,11 +68,10 @@ def test_defaults_are_the_validated_recipe():
     cfg = TuneCompConfig()
     # bench/results/reproduction_pilots.md: the recipe chosen on val
     assert (cfg.init, cfg.init_rank_ratio, cfg.blend, cfg.l1_lambda, cfg.score) == (
-        "auto", 0.75, "sine_affine", 1e-4, "magnitude")
+        "svd", 0.75, "sine_affine", 1e-4, "magnitude")
     assert (cfg.allocation, cfg.feature_weight, cfg.prune_fraction) == ("adaptive", 0.0, None)
-    # SVD-LLM with calibration data, plain SVD without
-    assert cfg.resolved(calibrated=True).init == "svd_llm"
-    assert cfg.resolved(calibrated=False).init == "svd"
+    # the same recipe with and without calibration data
+    assert cfg.resolved(calibrated=True) == cfg.resolved(calibrated=False) == cfg
     assert cfg.total_steps is None and cfg.blend_steps is None and cfg.blend_fraction == 0.5
     assert all(getattr(cfg, k) == v for k, v in RECIPE.items())
     # blend over the first half of the run, budget met there, whatever the run length
