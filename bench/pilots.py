@@ -77,10 +77,10 @@ def table(path: str) -> str:
             extra["init"] = r["init"]
         if r.get("recovery_warmup"):
             extra["recovery_warmup"] = True
-        if r.get("lr"):
-            extra["lr"] = r["lr"]
-        settings = ", ".join(f"{k}={v}" for k, v in extra.items()) or "recipe"
-        lines.append(f"| {r['name']} | {r['method']} | {r['ratio']:.0%} | {settings} | "
+        extra["lr"] = r["lr"]
+        settings = ", ".join(f"{k}={v}" for k, v in extra.items())
+        budget = "100%" if r["method"] == "dense" else f"{r['ratio']:.0%}"
+        lines.append(f"| {r['name']} | {r['method']} | {budget} | {settings} | "
                      f"{r['val_accuracy']:.4f} | {r['wall_s']:.0f} s |")
     return "\n".join(lines)
 
