@@ -36,7 +36,7 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .config import RECIPE, Schedule, TuneCompConfig
+from .config import JOINT_LR, RECIPE, Schedule, TuneCompConfig
 from .controller import TuneCompController
 from .export import load_compressed, read_metadata, save_compressed
 from .finalize import finalize
@@ -62,6 +62,7 @@ from .training import RunResult, TrainResult, train
 _LAZY = {"TuneCompCallback", "TuneCompTrainer"}
 
 __all__ = [
+    "JOINT_LR",
     "RECIPE",
     "Schedule",
     "ScheduleError",
