@@ -158,7 +158,9 @@ class TuneCompConfig:
             ``β_t = β_0·α_t`` (decaying with the blend); the gradient goes into the layer's
             own U, mask, V and bias inside the op's backward
             (:func:`~tunecomp_kernels.ops.masked_lowrank_linear_distill`), so no loss term
-            has to be added and no second teacher pass runs. 0 (default): off.
+            has to be added and no second teacher pass runs. 0 (default): off. It acts
+            once per backward pass: with gradient accumulation over k micro-batches (a task
+            loss averaged over them), divide it by k to keep the same balance.
 
     Distillation (optional, against the frozen teacher while it is alive, t < T)
         distill: ``"none"``, ``"logits"`` (KL on softened logits) or ``"hidden"`` (MSE on
