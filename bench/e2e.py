@@ -35,6 +35,10 @@ Methods (all at the same batch × sequence length):
     turns layers that are not smaller back to dense) and the masks made trainable again;
     then plain steps (no controller: after the blend and the prune end λ = 0 and a step
     only re-applies hard shrinkage). This is the 50 %-budget model continuing training.
+``train_dense_compiled`` / ``train_joint_compiled`` / ``train_after_compact_compiled``
+    the eager method with ``torch.compile(model)`` (``--compile-backend``); optimiser,
+    regularisation and controller stay eager. Warm-up absorbs compilation (``compile_s``);
+    ``graphs_*`` count captures (``bench/e2e_compile.py``).
 ``infer_dense`` / ``infer_compressed``
     inference latency (``torch.inference_mode``, eval) at ``--infer-shapes``; the
     compressed model is ``compress_to_budget`` (one-shot truncated SVD to the 50 % budget,
@@ -82,9 +86,18 @@ from _util import (  # noqa: E402
     trim_heap,
     write_json,
 )
+from e2e_compile import (  # noqa: E402
+    COMPILED_TRAIN_METHODS,
+    base_method,
+    compile_model,
+    guard_failures,
+    is_compiled,
+    recompile_report,
+    warm_up,
+)
 
 TRAIN_METHODS = ("train_dense", "train_joint", "train_joint_bf16", "train_after",
-                 "train_after_masked", "train_after_compact")
+                 "train_after_masked", "train_after_compact") + COMPILED_TRAIN_METHODS
 INFER_METHODS = ("infer_dense", "infer_compressed", "infer_compiled")
 TARGET_RATIO = 0.5
 MID_BLEND = 20  # joint runs are advanced to t = 20 of blend_steps = 40 (α ≈ 0.29)
@@ -277,11 +290,16 @@ def run_worker(spec: dict) -> dict:
     t0 = time.perf_counter()
     if method in TRAIN_METHODS:
         batch = make_batch(vocab, kind, spec["batch"], spec["seq"])
-        controller = setup_training(model, method, spec.get("init_rank_ratio", 1.0), result)
+        controller = setup_training(model, base_method(method), spec.get("init_rank_ratio", 1),
+                                    result)
         if spec.get("grad_ckpt"):
             model.gradient_checkpointing_enable()
         result["setup_s"] = time.perf_counter() - t0
+        if is_compiled(method):  # the untimed first step compiles
+            model, counter = compile_model(model, spec.get("compile_backend", "inductor"))
         result.update(time_training(model, batch, spec["steps"], controller))
+        if is_compiled(method):
+            result.update(compile_s=result["step_s"][0], graphs_total=counter.graphs)
     else:
         if method in ("infer_compressed", "infer_compiled"):
             compressed_copy(model)
@@ -307,14 +325,17 @@ def run_interleaved(spec: dict) -> dict:
     train_labels = [x for x in spec["labels"] if x.split("@")[0] in TRAIN_METHODS]
     infer_labels = [x for x in spec["labels"] if x in ("infer_dense", "infer_compressed")]
     if train_labels:
-        steps, info = {}, {}
+        steps, info, counters = {}, {}, {}
         for label in train_labels:
             method, _, ratio = label.partition("@")
             model, vocab, kind = build_model(spec["model"])
             batch = make_batch(vocab, kind, spec["batch"], spec["seq"])
             info[label] = {}
-            controller = setup_training(model, method, float(ratio or 1.0), info[label])
+            controller = setup_training(model, base_method(method), float(ratio or 1.0),
+                                        info[label])
             opt, params = start_optimizer(model, controller)
+            if is_compiled(method):
+                model, counters[label] = compile_model(model, spec["compile_backend"])
             if controller is not None:
                 info[label]["stored_ranks_timed"] = sum(
                     m.rank for m in controller.layers.values())
@@ -332,9 +353,14 @@ def run_interleaved(spec: dict) -> dict:
                     controller.step()
 
             steps[label] = step
+            if label in counters:  # compile before any timing, one model at a time
+                info[label].update(warm_up(step, counters[label]))
             info[label]["trainable_params"] = sum(p.numel() for p in params)
         res = interleaved(steps, baseline=train_labels[0], repeats=spec["train_repeats"],
                           warmup=1)
+        for label, counter in counters.items():
+            info[label].update(recompile_report(info[label], counter))
+            out["dynamo_guard_failures"] = guard_failures()
         tokens = spec["batch"] * spec["seq"]
         out["train"] = {label: {**info[label], "median_step_s": r["median_s"],
                                 "tokens_per_s": tokens / r["median_s"],
@@ -402,13 +428,14 @@ def method_specs(args) -> list[dict]:
     specs = []
     base = {"model": args.model, "threads": args.threads, "batch": args.batch, "seq": args.seq,
             "steps": args.steps, "infer_shapes": args.infer_shapes.split(","),
-            "repeats": args.infer_repeats, "grad_ckpt": args.grad_ckpt}
+            "repeats": args.infer_repeats, "grad_ckpt": args.grad_ckpt,
+            "compile_backend": args.compile_backend}
     for item in args.methods.split(","):
         method, _, own_ratio = item.partition("@")
         if method not in TRAIN_METHODS + INFER_METHODS:
             raise SystemExit(f"unknown method {method!r}")
-        if method in ("train_joint", "train_joint_bf16", "train_after", "train_after_masked",
-                      "train_after_compact"):
+        if base_method(method) in ("train_joint", "train_joint_bf16", "train_after",
+                                   "train_after_masked", "train_after_compact"):
             ratios = own_ratio or args.init_rank_ratios
             for ratio in (float(r) for r in ratios.split(",")):
                 specs.append({**base, "method": method, "init_rank_ratio": ratio,
@@ -459,7 +486,7 @@ def summarize(runs: list[dict], rounds: int) -> dict:
                     shape: median([r["latency"][shape]["median_s"] for r in ok]) * 1e3
                     for shape in ok[0]["latency"]}
                 entry["params_total"] = ok[0]["params_total"]
-            for key in ("compile_s", "graph_break_count", "graph_count",
+            for key in ("compile_s", "graphs_total", "graph_break_count", "graph_count",
                         "max_abs_diff_vs_eager", "break_reasons", "alpha", "ratio"):
                 if key in ok[0]:
                     entry[key] = ok[0][key]
@@ -524,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(Hugging Face gradient_checkpointing_enable), dense included")
     ap.add_argument("--train-repeats", type=int, default=5,
                     help="--interleaved: timed training steps per method")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the *_compiled training methods")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=1800.0, help="per process, seconds")
     ap.add_argument("--out", type=Path, default=None)
@@ -554,8 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, {"benchmark": "e2e_interleaved", "environment": env,
                          "config": vars(args) | {"out": str(out)}, "result": res})
         for label, r in res.get("train", {}).items():
+            extra = f"  compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
             print(f"{label:26s} {r['tokens_per_s']:8.1f} tok/s  x{r['speed_vs_dense']:.2f} "
-                  "vs dense")
+                  f"vs dense{extra}")
         for shape, rows in res.get("infer", {}).items():
             for label, r in rows.items():
                 print(f"{shape:8s} {label:18s} {r['median_ms']:8.1f} ms  "

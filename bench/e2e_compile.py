@@ -1,0 +1,106 @@
+"""The compiled training step of ``bench/e2e.py``: ``train_dense_compiled``,
+``train_joint_compiled`` and ``train_after_compact_compiled``.
+
+Each is its eager method (same model, state, optimiser and step) with the model wrapped by
+``torch.compile(model)`` — the usual user path: the model call, which computes the task
+loss from ``labels``, runs as compiled forward + backward (AOT autograd). The rest of the
+step stays eager: the optimiser step, ``controller.regularization`` (its λ is a Python
+float that changes every step, so inside the graph it would be a constant to recompile
+for) and ``controller.step()``. The blend scales are 0-d tensors, so the joint step keeps
+one graph while α moves (README, torch.compile; docs/design.md#measuring).
+
+Warm-up absorbs compilation: :func:`warm_up` runs the first steps before any timing and
+reports the first one's wall time as ``compile_s`` (Dynamo capture + Inductor codegen of
+forward and backward, plus one step's execution). A backend that counts its captures
+tells whether anything recompiled after warm-up (``graphs_*``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+COMPILED_SUFFIX = "_compiled"
+COMPILED_TRAIN_METHODS = ("train_dense_compiled", "train_joint_compiled",
+                          "train_after_compact_compiled")
+WARMUP_STEPS = 2  # step 1 compiles; step 2 shows a recompile (e.g. optimiser state) early
+
+
+def base_method(method: str) -> str:
+    """The eager method a compiled one mirrors (``train_joint_compiled`` ->
+    ``train_joint``); other names come back unchanged."""
+    return method.removesuffix(COMPILED_SUFFIX)
+
+
+def is_compiled(method: str) -> bool:
+    """Whether ``method`` (a name without ``@ratio``) is a compiled training method."""
+    return method in COMPILED_TRAIN_METHODS
+
+
+class CountingBackend:
+    """A ``torch.compile`` backend that hands each captured graph to the named backend
+    (``"inductor"``, ``"aot_eager"``, ...) and counts the captures: one per graph, so a
+    graph break or a recompile shows as a count above 1."""
+
+    def __init__(self, name: str = "inductor") -> None:
+        import torch._dynamo
+
+        self.name = name
+        self.graphs = 0
+        self._compile = torch._dynamo.lookup_backend(name)  # raises for an unknown name
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self._compile(gm, example_inputs)
+
+
+def compile_model(model, backend: str = "inductor"):
+    """``torch.compile(model)`` with a :class:`CountingBackend`; returns ``(compiled,
+    counter)``. The compiled module shares the model's parameters, so the optimiser and
+    the controller built on ``model`` drive it unchanged."""
+    import torch
+
+    counter = CountingBackend(backend)
+    return torch.compile(model, backend=counter), counter
+
+
+def warm_up(step: Callable[[], object], counter: CountingBackend,
+            steps: int = WARMUP_STEPS) -> dict:
+    """Run ``steps`` (>= 1) training steps before timing; the first compiles.
+
+    Returns ``compile_s`` (wall time of step 1: compilation + one step), ``warmup_step_s``
+    (every warm-up step) and ``graphs_after_first_step`` / ``graphs_after_warmup``.
+    Raises ``ValueError`` for ``steps < 1``.
+    """
+    if steps < 1:
+        raise ValueError(f"warm_up needs at least 1 step (the compiling one), got {steps}")
+    times, graphs = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+        graphs.append(counter.graphs)
+    return {"compile_s": times[0], "warmup_step_s": times,
+            "graphs_after_first_step": graphs[0], "graphs_after_warmup": graphs[-1],
+            "compile_backend": counter.name}
+
+
+def recompile_report(info: dict, counter: CountingBackend) -> dict:
+    """After timing: ``graphs_total`` and ``recompiled_while_timed`` (captures after
+    warm-up: each one is compilation time inside a timed step)."""
+    return {"graphs_total": counter.graphs,
+            "recompiled_while_timed": counter.graphs - info["graphs_after_warmup"]}
+
+
+def guard_failures(limit: int = 5) -> dict[str, list[str]]:
+    """Dynamo's recorded guard failures (why a cached graph was not reused) per compiled
+    function, process-wide, at most ``limit`` reasons each. Several models of one class
+    share code objects, so a model's first capture also shows as a failure of the others'
+    identity guards."""
+    import torch._dynamo.utils as dynamo_utils
+
+    out = {}
+    for code, reasons in getattr(dynamo_utils, "guard_failures", {}).items():
+        key = f"{getattr(code, 'co_name', code)}:{getattr(code, 'co_firstlineno', '')}"
+        out[key] = [str(r)[:300] for r in list(reasons)[:limit]]
+    return out
