@@ -94,8 +94,8 @@ class JobSettings:
     # --- compression (the recipe's defaults are TuneCompConfig's) -------------------------
     ratio: float = _opt(_RECIPE["target_ratio"], "fraction of the block linear layers' "
                         "parameters to keep, in (0, 1]", COMP)
-    init: str = _opt(_RECIPE["init"], "student initialisation (auto: svd_llm, calibrated on "
-                     "training batches)", COMP, choices=INITS)
+    # "auto" is svd_llm calibrated on training batches (TuneCompConfig's docs)
+    init: str = _opt(_RECIPE["init"], "student initialisation", COMP, choices=INITS)
     init_rank_ratio: float = _opt(_RECIPE["init_rank_ratio"], "starting rank as a fraction "
                                   "of min(in, out)", COMP)
     blend: str = _opt(_RECIPE["blend"], "teacher-to-student blend", COMP, choices=BLENDS)
