@@ -355,9 +355,9 @@ def run_interleaved(spec: dict) -> dict:
                     controller.step()
 
             steps[label] = step
+            info[label]["trainable_params"] = sum(p.numel() for p in params)  # as eager's
             if label in counters:  # compile before any timing, one model at a time
                 info[label].update(warm_up(step, counters[label]))
-            info[label]["trainable_params"] = sum(p.numel() for p in params)
         res = interleaved(steps, baseline=train_labels[0], repeats=spec["train_repeats"],
                           warmup=1)
         for label, counter in counters.items():

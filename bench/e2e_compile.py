@@ -14,7 +14,9 @@ timing. Two, because a Hugging Face classifier sets ``config.problem_type`` in i
 forward and Dynamo guards on it, so step 2 captures a second graph. ``compile_s`` is the
 time the warm-up spent beyond that many ordinary steps (:func:`compile_overhead`: Dynamo
 capture + Inductor codegen of forward and backward, both captures). A backend that counts
-its captures tells whether anything recompiled while timed (``graphs_*``).
+its captures tells whether anything recompiled while timed (``graphs_*``). During the
+blend the joint step compacts pruned ranks away now and then: U, mask and V shrink, and
+Dynamo, which keeps parameter shapes static, recompiles at each such event.
 """
 
 from __future__ import annotations
