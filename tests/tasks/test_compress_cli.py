@@ -326,8 +326,11 @@ def test_real_ctrl_c_exits_130_with_one_line(bert_dir, rows_csv, tmp_path):
     argv = compress_argv(bert_dir, rows_csv, out, "--eval-every", "1", "--checkpoint-every",
                          "3", "--threads", "1", steps=100_000)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # A shell starts background jobs (`cmd &`) with SIGINT ignored, and Python then keeps it
+    # ignored: give the command the default disposition, as an interactive terminal would.
     proc = subprocess.Popen([sys.executable, "-m", "tunecomp_kernels.cli", *argv], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stdout:
             if line.startswith("step 4/"):
