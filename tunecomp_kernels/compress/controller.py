@@ -310,10 +310,11 @@ class TuneCompController(LossTerms, TeacherOutputs):
         if prune:
             self._shrink_and_prune(t)
             met = t >= sched.prune_end or self.current_params <= self.budget_params
-            before = self._storage.state(self._names)
+            # compaction rebinds a layer's stored indices (never edits them): references do
+            before = list(self._storage.stored)
             for i in self._storage.compact(self._alive, met):
                 self._set_alive(i, self._alive[i])
-                self.scorer.compacted(i, before[self._names[i]], self._storage.stored[i])
+                self.scorer.compacted(i, before[i], self._storage.stored[i])
         self._zero_dead()
 
     def _shrink_and_prune(self, t: int) -> None:
