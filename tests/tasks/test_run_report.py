@@ -117,9 +117,24 @@ def test_without_compare_dense_accuracy_is_not_measured(run):
     assert any(line.startswith("majority class ('") for line in stdout.splitlines())
 
 
-def test_with_compare_dense_the_headline_gives_points(bert_dir, rows_csv, tmp_path, capsys):
+def test_with_compare_dense_the_headline_gives_points(bert_dir, rows_csv, tmp_path, capsys,
+                                                      monkeypatch):
+    from tunecomp_kernels.tasks import job
+
+    rates = []  # the peak learning rate of each phase's plan
+
+    def recording_plan(settings, **kwargs):
+        plan = real_plan(settings, **kwargs)
+        rates.append(plan.make_optimizer(torch.nn.Linear(2, 2)).param_groups[0]["lr"])
+        return plan
+
+    real_plan = job.training_plan
+    monkeypatch.setattr(job, "training_plan", recording_plan)
     out = tmp_path / "run"
-    assert main(compress_argv(bert_dir, rows_csv, out, "--compare-dense", steps=2)) == 0
+    argv = compress_argv(bert_dir, rows_csv, out, "--compare-dense", "--lr", "5e-4",
+                         "--dense-lr", "3e-4", steps=2)
+    assert main(argv) == 0
+    assert rates == [3e-4, 5e-4]  # the dense comparison trains at its own rate
     summary = json.loads((out / "summary.json").read_text())
     points = 100 * (summary["compressed"]["test"] - summary["dense"]["test"])
     assert summary["headline"]["accuracy_points"] == pytest.approx(points)

@@ -140,7 +140,7 @@ def _train(s: JobSettings, setup: TaskSetup, method: str, paths: run_dir.RunPath
                       log_every=s.eval_every)
     evaluator = _Evaluator(s, setup, bar, state, paths if method == "tunecomp" else None)
     plan = training_plan(s, callbacks=[evaluator, bar], checkpoint_dir=paths.phase_dir(phase),
-                         resume=s.resume)
+                         resume=s.resume, lr=s.dense_lr if method == "dense" else s.lr)
     try:
         result = run_method(method, setup, s, plan)
     finally:
@@ -155,7 +155,7 @@ def _dense_rows(s: JobSettings, setup: TaskSetup, paths: run_dir.RunPaths, state
     row: dict[str, Any] = {"model": "dense (original)", "size": clf.saved_size(probe),
                            "model_params": sum(p.numel() for p in probe.parameters())}
     if s.compare_dense:
-        print(f"dense fine-tune for comparison ({s.steps} steps):", flush=True)
+        print(f"dense fine-tune for comparison ({s.steps} steps, lr {s.dense_lr:g}):", flush=True)
         dense = _train(s, setup, "dense", paths, state)[0].model
         say("evaluating the dense model on val and test")
         row["val"] = clf.evaluate(dense, setup.val_batches())["accuracy"]

@@ -127,12 +127,13 @@ def setup_task(
 
 def training_plan(settings: JobSettings, *, steps: int | None = None,
                   callbacks: Sequence[Any] = (), checkpoint_dir: str | Path | None = None,
-                  resume: bool = False) -> TrainingPlan:
+                  resume: bool = False, lr: float | None = None) -> TrainingPlan:
     """The plan every method shares: ``steps`` (default ``settings.steps``) optimiser
-    steps, AdamW with the task's groups (a fresh optimiser per phase), linear warm-up and
-    decay per phase, gradient clipping, ``callbacks``; checkpoints every
-    ``settings.checkpoint_every`` steps into ``checkpoint_dir`` when it is given."""
-    lr = settings.lr
+    steps, AdamW at peak rate ``lr`` (default ``settings.lr``) with the task's groups (a
+    fresh optimiser per phase), linear warm-up and decay per phase, gradient clipping,
+    ``callbacks``; checkpoints every ``settings.checkpoint_every`` steps into
+    ``checkpoint_dir`` when it is given."""
+    lr = settings.lr if lr is None else lr
 
     def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
         return clf.make_optimizer(model, lr, settings.weight_decay,
