@@ -56,6 +56,8 @@ def test_every_field_has_help_and_a_flag_that_maps_back():
     ({"l1": -1.0}, "l1", "l1 must be >= 0"),
     ({"lr": 0.0}, "lr", "lr must be > 0"),
     ({"lr": float("inf")}, "lr", "lr must be a finite number"),
+    ({"dense_lr": 0.0}, "dense_lr", "dense_lr must be > 0"),
+    ({"dense_lr": float("nan")}, "dense_lr", "dense_lr must be a finite number"),
     ({"max_length": 1}, "max_length", "max_length must be >= 2"),
     ({"train_size": 0}, "train_size", "train_size must be >= 1"),
     ({"warmup_ratio": 1.5}, "warmup_ratio", "warmup_ratio must be in [0, 1]"),
