@@ -206,7 +206,8 @@ def make_plan(args: argparse.Namespace) -> list[dict]:
     from tunecomp_kernels.compress.config import RECIPE
 
     # the recipe is TuneCompConfig's defaults; recorded explicitly in every run's spec
-    joint = {k: RECIPE[k] for k in ("init", "init_rank_ratio", "blend", "l1_lambda", "distill")}
+    joint = {k: RECIPE[k] for k in ("init", "init_rank_ratio", "blend", "l1_lambda", "distill",
+                                    "plan_dense")}
     joint["blend_steps"] = max(1, round(RECIPE["blend_fraction"] * args.steps))
     overrides = json.loads(args.joint)
     if "blend_fraction" in overrides:

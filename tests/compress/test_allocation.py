@@ -163,6 +163,54 @@ def test_a_layer_planned_dense_stays_an_nn_linear_and_trains():
     assert rows["blocks.0.0"].kind == "dense" and rows["blocks.0.0"].params_after == 24 * 48
 
 
+def _dominant_first_layer() -> _Blocks:
+    torch.manual_seed(0)
+    model = _Blocks()
+    with torch.no_grad():  # one layer carries most of the energy: global keeps it dense
+        model.blocks[0][0].weight.mul_(100.0)
+    return model
+
+
+def test_adaptive_plans_which_layers_stay_dense_and_shares_the_rest():
+    model = _dominant_first_layer()
+    config = TuneCompConfig(target_ratio=0.6, prune_end_fraction=0.6)
+    assert config.allocation == "adaptive" and config.plan_dense
+    result = tunecomp_joint(model, config, _batches(), _plan(12))
+    controller = result.controller
+    # the global plan on the spectrum keeps the dominant layer dense: never converted
+    assert type(model.blocks[0][0]) is nn.Linear and list(controller.dense_layers) == ["blocks.0.0"]
+    assert controller.final_ranks() is None  # the other layers' ranks are decided in training
+    converted = [m for m in model.modules() if isinstance(m, MaskedLowRankLinear)]
+    assert len(converted) == 3
+    # the converted layers fit into what the dense layer leaves of the budget
+    budget = math.floor(0.6 * 4 * 24 * 48)
+    assert controller.budget_params == budget
+    assert sum(m.active_rank * (24 + 48) for m in converted) <= budget - 24 * 48
+    assert result.report.within_budget
+    rows = {r.name: r for r in compression_report(model).layers}
+    assert rows["blocks.0.0"].kind == "dense" and rows["blocks.0.0"].params_after == 24 * 48
+
+
+def test_adaptive_without_plan_dense_converts_every_layer():
+    model = _dominant_first_layer()
+    controller = prepare(model, TuneCompConfig(target_ratio=0.6, plan_dense=False,
+                                               total_steps=4))
+    assert controller.dense_layers == {}
+    assert sum(isinstance(m, MaskedLowRankLinear) for m in model.modules()) == 4
+
+
+def test_plan_dense_checks():
+    with pytest.raises(TypeError, match="plan_dense must be a bool"):
+        TuneCompConfig(plan_dense="yes")
+    # at a ratio of 1 the plan would keep every layer: all are converted instead, with a
+    # warning, as with plan_dense=False (such a run still blends)
+    model = _Blocks()
+    with pytest.warns(UserWarning, match="plan_dense keeps none"):
+        controller = prepare(model, TuneCompConfig(target_ratio=1.0, total_steps=2))
+    assert controller.dense_layers == {}
+    assert sum(isinstance(m, MaskedLowRankLinear) for m in model.modules()) == 4
+
+
 def test_prepare_refuses_a_plan_that_keeps_everything_dense():
     with pytest.raises(ValueError, match="keeps every targeted layer dense"):
         prepare(_Blocks(), TuneCompConfig(target_ratio=1.0, allocation="uniform",

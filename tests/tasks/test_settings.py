@@ -98,3 +98,5 @@ def test_method_options_reach_the_config():
     config = full(score="sensitivity", allocation="uniform", feature_weight=0.5).tunecomp_config()
     assert (config.score, config.allocation, config.feature_weight) == (
         "sensitivity", "uniform", 0.5)
+    assert full().tunecomp_config().plan_dense and not full(plan_dense=False).tunecomp_config(
+    ).plan_dense

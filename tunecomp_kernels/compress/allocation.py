@@ -22,9 +22,12 @@ Rules (cost of a rank ``in + out``, of a dense layer ``in·out``; budget
 * ``"sigma2"``: ``"global"`` on each rank's share of its layer's energy,
   ``σ_i² / Σ_j σ_j²`` per parameter (scale-free across layers).
 
-The ``"adaptive"`` rule (the default) plans nothing: every layer starts at
-``init_rank_ratio`` and the controller prunes globally during training on the current
-scores (:func:`~.budget.prune_to_budget`).
+The ``"adaptive"`` rule (the default) plans only which layers stay dense (with
+``plan_dense``, from the ``"global"`` plan): every other layer starts at
+``init_rank_ratio`` and the controller prunes them globally during training on the current
+scores (:func:`~.budget.prune_to_budget`), within what the dense layers leave of the
+budget. Without ``plan_dense`` every layer is converted, and one that ends above its
+break-even rank is exported dense with only the ranks it kept.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from ..ops.backends import check_backend_name
 from .allocation import ALLOCATIONS
 from .config_checks import TEACHER_DTYPES as TEACHER_DTYPES  # noqa: F401 (public)
 from .config_checks import (
+    boolean,
     check_init,
     check_teacher_dtype,
     choice,
@@ -55,6 +56,7 @@ RECIPE: Mapping[str, Any] = MappingProxyType({
     "l1_schedule": "cosine",
     "shrink_threshold": 1e-3,
     "budget_schedule": "cubic",
+    "plan_dense": True,
     "score": "magnitude",
     "distill": "none",
 })
@@ -142,6 +144,9 @@ class TuneCompConfig:
             ``"global"``, ``"uniform"``, ``"floor"``, ``"sigma2"``. A planned allocation
             leaves a layer dense (an ``nn.Linear``, fine-tuned) when its final rank would
             not make it smaller, and prunes every other layer within itself.
+        plan_dense: with ``"adaptive"``, a layer that the ``"global"`` plan would not make
+            smaller stays an ``nn.Linear`` (fine-tuned dense, no teacher); the others share
+            the rest of the budget (default True). ``False`` converts every layer.
         allocation_floor: for ``"floor"``, the fraction of its uniform rank every layer
             keeps, in ``[0, 1]``.
         prune_fraction: with a planned allocation, each layer starts at
@@ -204,6 +209,7 @@ class TuneCompConfig:
     prune_end_fraction: float | None = None
     prune_start_fraction: float | None = None
     allocation: str = "adaptive"
+    plan_dense: bool = RECIPE["plan_dense"]
     allocation_floor: float = 0.5
     prune_fraction: float | None = None
     budget_schedule: str = RECIPE["budget_schedule"]
@@ -252,10 +258,7 @@ class TuneCompConfig:
         choice("budget_schedule", self.budget_schedule, BUDGET_SCHEDULES)
         self._check_allocation()
         choice("score", self.score, SCORES)
-        if not isinstance(self.score_per_param, bool):
-            raise TypeError(
-                f"score_per_param must be a bool, got {type(self.score_per_param).__name__}"
-            )
+        boolean("score_per_param", self.score_per_param)
         integer("min_rank", self.min_rank, minimum=1)
         self.feature_weight = number("feature_weight", self.feature_weight)
         if self.feature_weight < 0:
@@ -268,9 +271,7 @@ class TuneCompConfig:
         if self.distill_temperature <= 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         check_backend_name(self.backend)
-        if not isinstance(self.compact_during_training, bool):
-            raise TypeError("compact_during_training must be a bool, got "
-                            f"{type(self.compact_during_training).__name__}")
+        boolean("compact_during_training", self.compact_during_training)
         check_teacher_dtype(self.teacher_dtype)
 
     def _check_steps(self) -> None:
@@ -314,6 +315,7 @@ class TuneCompConfig:
 
     def _check_allocation(self) -> None:
         choice("allocation", self.allocation, ALLOCATIONS)
+        boolean("plan_dense", self.plan_dense)
         self.allocation_floor = fraction("allocation_floor", self.allocation_floor)
         if self.prune_fraction is not None:
             self.prune_fraction = number("prune_fraction", self.prune_fraction)
@@ -329,6 +331,11 @@ class TuneCompConfig:
     def planned_allocation(self) -> bool:
         """Whether final ranks are planned before training (``allocation != "adaptive"``)."""
         return self.allocation != "adaptive"
+
+    @property
+    def plans_dense_layers(self) -> bool:
+        """Whether ``prepare`` plans which layers stay dense (planned rules, or plan_dense)."""
+        return self.planned_allocation or self.plan_dense
 
     # --- derived values ------------------------------------------------------------------
 

@@ -20,6 +20,11 @@ def number(name: str, value: object) -> float:
     return value
 
 
+def boolean(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def fraction(name: str, value: object) -> float:
     value = number(name, value)
     if not 0.0 <= value <= 1.0:

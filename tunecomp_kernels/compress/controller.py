@@ -160,14 +160,14 @@ class TuneCompController(LossTerms, TeacherOutputs):
     @property
     def raw_params(self) -> int:
         """``Σ k·(in + out)`` over alive ranks k (U and V of the low-rank forms), plus the
-        layers a planned allocation keeps dense."""
+        layers kept dense (planned before training)."""
         return (sum(k * i.rank_cost for k, i in zip(self._ranks, self._infos))
                 + self.dense_params)
 
     @property
     def current_params(self) -> int:
         """The targeted layers' size if exported now: ``Σ min(k·(in + out), in·out)``, plus
-        the layers a planned allocation keeps dense."""
+        the layers kept dense (planned before training)."""
         return (sum(effective_cost(k, i) for k, i in zip(self._ranks, self._infos))
                 + self.dense_params)
 
@@ -331,9 +331,11 @@ class TuneCompController(LossTerms, TeacherOutputs):
             return
         raw_budget = self.raw_budget_at(t)
         if self.raw_params > raw_budget and self.current_params > self.budget_params:
+            # the converted layers share what the layers kept dense leave of each budget
             new_alive, pruned = prune_to_budget(
                 self._alive, self.scores(), self._infos,
-                raw_budget=raw_budget, final_budget=self.budget_params,
+                raw_budget=raw_budget - self.dense_params,
+                final_budget=self.budget_params - self.dense_params,
                 min_rank=cfg.min_rank, per_param=cfg.score_per_param,
             )
             if pruned:

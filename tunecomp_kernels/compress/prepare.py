@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -172,7 +173,10 @@ def _calibration_stats(
 def planned_ranks(targets: dict[str, nn.Module], infos: dict[str, TargetInfo],
                   config: TuneCompConfig, stats: dict[str, ActivationStats]) -> dict[str, int]:
     """Each target's final rank under ``config.allocation`` (:data:`~.allocation.DENSE`
-    for one that stays dense), planned on the spectrum of the init's metric."""
+    for one that stays dense), planned on the spectrum of the init's metric. With
+    ``"adaptive"`` (and ``plan_dense``) the ``"global"`` plan decides which layers stay
+    dense; the ranks of the others are then left to the controller."""
+    rule = "global" if config.allocation == "adaptive" else config.allocation
     spectra = []
     for name, mod in targets.items():
         st = stats.get(name)
@@ -180,10 +184,24 @@ def planned_ranks(targets: dict[str, nn.Module], infos: dict[str, TargetInfo],
             dense_weight(mod), config.init,
             input_abs_mean=None if st is None or config.init != "asvd" else st.abs_mean,
             gram=None if st is None else st.gram, asvd_alpha=config.asvd_alpha))
-    ranks = plan_ranks(spectra, [infos[n] for n in targets], config.allocation,
+    ranks = plan_ranks(spectra, [infos[n] for n in targets], rule,
                        config.target_ratio, min_rank=config.min_rank,
                        floor=config.allocation_floor)
     return dict(zip(targets, ranks))
+
+
+def _dense_to_keep(planned: dict[str, TargetInfo], targets: dict[str, nn.Module],
+                   config: TuneCompConfig) -> dict[str, TargetInfo]:
+    """With ``"adaptive"``: the layers ``plan_dense`` keeps dense, unless that is every
+    one of them (a budget at or near full size): then every layer is converted, as with
+    ``plan_dense=False``, so that such a run still blends (one warning)."""
+    if not planned or len(planned) < len(targets):
+        return planned
+    warnings.warn(
+        f"target_ratio={config.target_ratio} leaves every targeted layer dense under the "
+        "global plan, so plan_dense keeps none: every layer is converted and exported "
+        "dense unless pruned below its break-even rank", stacklevel=3)
+    return {}
 
 
 def _start_rank(info: TargetInfo, config: TuneCompConfig, final_rank: int | None) -> int:
@@ -249,7 +267,9 @@ def prepare(
     With a planned ``config.allocation`` each layer's final rank is fixed first from the
     init's spectrum (:mod:`~.allocation`): a layer that would not end smaller than dense
     stays as it is (fine-tuned dense), the others start at
-    ``ceil(final / (1 − prune_fraction))`` (or ``init_rank_ratio``).
+    ``ceil(final / (1 − prune_fraction))`` (or ``init_rank_ratio``). With ``"adaptive"``
+    and ``plan_dense`` (the default) the ``"global"`` plan decides only which layers stay
+    dense; the others share the rest of the budget during training.
 
     Args:
         model: any ``nn.Module`` with linear layers (HF BERT, GPT-2, Llama, ViT, ...).
@@ -280,8 +300,11 @@ def prepare(
     check_teacher_dtype(targets, config)
 
     stats = _calibration_stats(model, targets, config, calibration, forward)
-    final = planned_ranks(targets, infos, config, stats) if config.planned_allocation else {}
+    final = planned_ranks(targets, infos, config, stats) if config.plans_dense_layers else {}
     kept_dense = {n: infos[n] for n, k in final.items() if k == DENSE}
+    if not config.planned_allocation:
+        final = {}  # "adaptive": only the dense layers are decided before training
+        kept_dense = _dense_to_keep(kept_dense, targets, config)
     layers = {name: _student(mod, infos[name], config, stats.get(name), final.get(name))
               for name, mod in targets.items() if name not in kept_dense}
     if not layers:

@@ -43,6 +43,7 @@ CONFIG_FIELDS = {
     "backend": "backend",
     "score": "score",
     "allocation": "allocation",
+    "plan_dense": "plan_dense",
     "feature_weight": "feature_weight",
 }
 
@@ -113,6 +114,12 @@ class JobSettings:
     allocation: str = _opt(_RECIPE["allocation"], "how layers share the budget: adaptive "
                            "(during training) or planned before it", COMP,
                            choices=ALLOCATIONS)
+    plan_dense: bool = _opt(_RECIPE["plan_dense"], "with the adaptive allocation, keep "
+                            "dense (fine-tuned, no teacher) the layers that the global plan "
+                            "would not make smaller", COMP, flag="--no-plan-dense",
+                            flag_help="adaptive allocation: convert every layer (one ending "
+                            "above its break-even rank is exported dense with the ranks it "
+                            "kept)")
     feature_weight: float = _opt(_RECIPE["feature_weight"], "weight of the per-layer "
                                  "feature loss (student vs teacher), decaying with the blend",
                                  COMP)
