@@ -128,3 +128,19 @@ def test_per_process_compiled_training_step(tmp_path):
     overhead = sum(run["step_s"][:2]) - 2 * run["median_step_s"]
     assert run["compile_s"] == pytest.approx(overhead) and run["graphs_total"] >= 1
     assert run["tokens_per_s"] > 0
+
+
+def test_step_profile_splits_the_step_and_bounds_the_speed_up(tmp_path):
+    import step_profile
+
+    out = tmp_path / "profile.json"
+    assert step_profile.main(["--model", "tiny", "--batch", "2", "--seq", "8", "--steps", "1",
+                              "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    seconds = result["seconds"]
+    assert {"linear matmuls", "optimizer", "other"} <= set(seconds)
+    assert all(v >= 0 for v in seconds.values())
+    share = result["linear_share"]
+    assert 0 < share < 1
+    # Amdahl: linear matmuls at half their cost, the rest unchanged
+    assert result["amdahl_bound"] == pytest.approx(1 / (1 - share / 2))
