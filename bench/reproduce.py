@@ -205,9 +205,9 @@ def run_one(spec: dict) -> dict:
 def make_plan(args: argparse.Namespace) -> list[dict]:
     from tunecomp_kernels.compress.config import RECIPE
 
-    # the recipe is TuneCompConfig's defaults; recorded explicitly in every run's spec
-    joint = {k: RECIPE[k] for k in ("init", "init_rank_ratio", "blend", "l1_lambda", "distill",
-                                    "plan_dense")}
+    # the recipe is TuneCompConfig's defaults, recorded in full in every run's spec, so a
+    # run recorded under another recipe is never reused
+    joint = {k: v for k, v in RECIPE.items() if k != "blend_fraction"}
     joint["blend_steps"] = max(1, round(RECIPE["blend_fraction"] * args.steps))
     overrides = json.loads(args.joint)
     if "blend_fraction" in overrides:

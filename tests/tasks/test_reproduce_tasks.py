@@ -107,6 +107,20 @@ def test_resume_reuses_only_runs_with_the_planned_settings():
     assert not reproduce.same_settings(spec, None)
 
 
+def test_a_run_recorded_under_another_recipe_is_not_reused():
+    from tunecomp_kernels.compress.config import RECIPE
+
+    plan = reproduce.make_plan(reproduce.parse_args(["--seeds", "0", "--budgets", "0.5",
+                                                     "--methods", "tunecomp"]))
+    (spec,) = plan
+    # every recipe field is in the spec (the blend as steps of this run)
+    assert set(spec["joint"]) == set(RECIPE) - {"blend_fraction"} | {"blend_steps"}
+    for field in ("plan_dense", "score", "budget_schedule"):
+        joint = {k: v for k, v in spec["joint"].items() if k != field}
+        assert not reproduce.current_runs([{"spec": {**spec, "joint": joint}}], plan)
+    assert reproduce.current_runs([{"spec": spec}], plan)
+
+
 def test_write_outputs_reports_paired_differences(tmp_path):
     args = reproduce.parse_args(["--task", "mmlu_subjects", "--seeds", "0", "1",
                                  "--budgets", "0.5", "--methods", "dense", "tunecomp",
