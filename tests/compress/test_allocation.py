@@ -191,6 +191,32 @@ def test_adaptive_plans_which_layers_stay_dense_and_shares_the_rest():
     assert rows["blocks.0.0"].kind == "dense" and rows["blocks.0.0"].params_after == 24 * 48
 
 
+def test_a_gpt2_layer_kept_dense_stays_conv1d_through_save_and_load(tmp_path):
+    from tiny_models import text_batches, tiny_gpt2
+    from transformers.pytorch_utils import Conv1D
+
+    from tunecomp_kernels.compress import finalize, load_compressed, save_compressed, train
+
+    model = tiny_gpt2()
+    with torch.no_grad():  # a dominant layer: the global plan keeps it dense
+        model.transformer.h[0].mlp.c_fc.weight.mul_(100.0)
+    controller = prepare(model, TuneCompConfig(target_ratio=0.6, blend_steps=2,
+                                               total_steps=4))
+    assert list(controller.dense_layers) == ["transformer.h.0.mlp.c_fc"]
+    kept = model.transformer.h[0].mlp.c_fc
+    assert type(kept) is Conv1D
+    train(model, torch.optim.AdamW(model.parameters(), lr=1e-3),
+          text_batches(4, classes=None), controller=controller)
+    finalize(model)
+    assert compression_report(model).within_budget
+    save_compressed(model, tmp_path / "m")
+    loaded = load_compressed(tmp_path / "m")
+    assert type(loaded.transformer.h[0].mlp.c_fc) is Conv1D
+    ids = torch.arange(8).reshape(1, 8)
+    model.eval()
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
 def test_adaptive_without_plan_dense_converts_every_layer():
     model = _dominant_first_layer()
     controller = prepare(model, TuneCompConfig(target_ratio=0.6, plan_dense=False,
