@@ -91,6 +91,51 @@ def test_empty_batch(backend):
     assert y.shape == (0, 6)
 
 
+# rows against in/out: the torch backend folds the student into the teacher's weight in
+# the forward when rows > in and for dx when rows > out (ops/reference.py, _folds)
+FOLD_SHAPES = [
+    pytest.param(40, 12, 30, id="fold-forward-and-dx"),
+    pytest.param(20, 12, 30, id="fold-forward-only"),
+    pytest.param(20, 30, 12, id="fold-dx-only"),
+    pytest.param(8, 12, 30, id="no-fold"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("rows,in_f,out_f", FOLD_SHAPES)
+def test_teacher_folded_into_one_weight_matches_float64(dtype, rows, in_f, out_f):
+    inputs = make_inputs((rows,), in_f, out_f, 5, dtype, teacher=True, zero_mask_frac=0.3)
+    run_and_compare("torch", inputs, dtype, teacher_scale=0.6, student_scale=0.8)
+
+
+@pytest.mark.parametrize("rows,in_f,out_f", FOLD_SHAPES)
+def test_teacher_fold_gives_dx_alone(rows, in_f, out_f):
+    # only x needs a gradient: the folded dx skips the student's [N, r] product
+    inputs = make_inputs((rows,), in_f, out_f, 5, torch.float64, teacher=True)
+    x = inputs["x"].clone().requires_grad_()
+    x_ref = inputs["x"].clone().requires_grad_()
+    frozen = {k: inputs[k] for k in ("mask", "V", "bias", "teacher_weight", "teacher_bias")}
+    y = masked_lowrank_linear(x, inputs["U"], **frozen, teacher_scale=0.3, student_scale=0.7,
+                              backend="torch")
+    y_ref = reference_float64(x_ref, inputs["U"], **frozen, teacher_scale=0.3,
+                              student_scale=0.7)
+    y.sum().backward()
+    y_ref.sum().backward()
+    assert_close(x.grad, x_ref.grad, torch.float64, "dx")
+
+
+def test_gradcheck_float64_with_the_teacher_folded():
+    inputs = make_inputs((16,), 5, 7, 3, torch.float64, teacher=True)
+    args = [inputs[n].detach().clone().requires_grad_() for n in GRAD_NAMES]
+
+    def f(*a):
+        return masked_lowrank_linear(*a, teacher_weight=inputs["teacher_weight"],
+                                     teacher_bias=inputs["teacher_bias"], teacher_scale=0.7,
+                                     student_scale=1.3, backend="torch")
+
+    assert torch.autograd.gradcheck(f, args)
+
+
 def test_only_needed_gradients_are_computed():
     inputs = make_inputs((5,), 8, 6, 3, torch.float64)
     U = inputs["U"].requires_grad_()

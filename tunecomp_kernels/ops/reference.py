@@ -5,6 +5,11 @@ inputs are computed in fp32 (fp32 accumulation) and rounded once at the end. A t
 stored in a narrower dtype than the compute dtype (half inputs, or a bf16/fp16 teacher
 with fp32 x) is upcast in blocks of at most ``TEACHER_BLOCK_ELEMENTS`` (16 MiB of fp32)
 rather than copied whole.
+
+With a teacher in the compute dtype and a batch of more rows than the layer is wide (any
+training batch), the student is folded into the teacher's weight, ``a·W0 +
+U·diag(s·mask)·V``, and the blend takes one product over the rows instead of two (forward,
+and again for dx); the rank-sized products that give the student's own gradients stay.
 """
 
 from __future__ import annotations
@@ -62,6 +67,23 @@ def _teacher_backward(dx2: torch.Tensor, dy_a: torch.Tensor, w0: torch.Tensor) -
         dx2.addmm_(dy_a[:, o0:o0 + rows], w0[o0:o0 + rows].to(dx2.dtype))
 
 
+def _folds(teacher_weight: torch.Tensor | None, dtype: torch.dtype, rows: int,
+           kept_dim: int) -> bool:
+    """Whether to fold the student into the teacher's weight, ``a·W0 + U·diag(s·mask)·V``
+    [out, in], and do one product with it. Forming it costs ``out·r·in`` multiply-adds;
+    it saves the student's own product over the rows: ``rows·r·out`` in the forward
+    (``kept_dim = in``), ``rows·r·in`` for dx (``kept_dim = out``). So it pays when
+    ``rows > kept_dim``: training batches. Only for a teacher stored in the compute dtype
+    (a narrower one is upcast in blocks, never whole)."""
+    return teacher_weight is not None and teacher_weight.dtype == dtype and rows > kept_dim
+
+
+def _blend_weight(w0: torch.Tensor, a: torch.Tensor | float, U_scaled: torch.Tensor,
+                  V: torch.Tensor) -> torch.Tensor:
+    """``a·W0 + U_scaled·V`` [out, in], a fresh tensor in W0's (the compute) dtype."""
+    return (w0 * a).addmm_(U_scaled, V)
+
+
 def _scale(value: torch.Tensor | float) -> torch.Tensor | float:
     """A blend scale in the compute dtype: the ops pass 0-d tensors; direct callers of
     these functions (tests, bench/cuda_verify.py) may pass Python floats."""
@@ -87,7 +109,14 @@ def forward(
     s = _scale(student_scale)
     # Scale U's columns (out×r) rather than t (N×r): same product, less memory traffic.
     U_scaled = _acc(U) * (_acc(mask) * s)
-    if teacher_weight is not None:
+    if _folds(teacher_weight, x2.dtype, x2.shape[0], x2.shape[1]):
+        a = _scale(teacher_scale)
+        w = _blend_weight(teacher_weight, a, U_scaled, _acc(V))
+        b = None if teacher_bias is None else _acc(teacher_bias) * a
+        if bias is not None:
+            b = _acc(bias) * s if b is None else b.add_(_acc(bias) * s)
+        y = torch.addmm(b, x2, w.t()) if b is not None else x2 @ w.t()
+    elif teacher_weight is not None:
         # y = a·(x W0ᵀ + b0) first, then the student is accumulated into the same buffer.
         y = _teacher_forward(x2, teacher_weight, teacher_bias, _scale(teacher_scale))
         y.addmm_(t, U_scaled.t())
@@ -133,16 +162,21 @@ def backward(
             dU = (dy_t * mask_s).to(U.dtype)
         if need_mask:
             dmask = (s * (_acc(U) * dy_t).sum(0)).to(mask.dtype)
-    if need_x or need_V:
+    fold = need_x and _folds(teacher_weight, dy.dtype, dy.shape[0], U.shape[0])
+    if need_V or (need_x and not fold):
         g = dy @ _acc(U)  # [N, r]
         if need_V:
             x2 = _acc(x.reshape(-1, x.shape[-1]))
             dV = ((g.t() @ x2) * mask_s[:, None]).to(V.dtype)
-        if need_x:
+    if need_x:
+        if fold:  # dx = dy·(a·W0 + U·diag(s·mask)·V), one product over the rows
+            dx2 = dy @ _blend_weight(teacher_weight, _scale(teacher_scale),
+                                     _acc(U) * mask_s, _acc(V))
+        else:
             dx2 = g @ (_acc(V) * mask_s[:, None])
             if teacher_weight is not None:
                 _teacher_backward(dx2, dy * _scale(teacher_scale), teacher_weight)
-            dx = dx2.to(x.dtype).reshape(x.shape)
+        dx = dx2.to(x.dtype).reshape(x.shape)
     if need_bias:
         dbias = (s * dy.sum(0)).to(grad_y.dtype)
     return dx, dU, dmask, dV, dbias
