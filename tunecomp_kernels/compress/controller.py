@@ -22,7 +22,8 @@ Training loop contract (see :func:`~.training.train` for a ready-made loop)::
    ``B + (R_0 − B)·f_t`` follows ``budget_schedule`` from the starting size R_0 (at
    ``prune_start``) to the final budget ``B = floor(target_ratio · Σ in·out)`` (at
    ``prune_end``); the globally least important ranks are pruned until the raw size is
-   within it or the exported size is already within ``B``;
+   within it or the exported size is already within ``B`` (the layers ``prepare`` kept
+   dense count with their dense size in both);
 4. compacts (:mod:`.compaction`): at a few steps of the run, and whenever dead ranks
    are stored once the budget is met, the dead ranks leave U, mask and V in place, and
    so does the state the attached optimisers keep for them
