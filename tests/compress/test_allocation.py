@@ -217,6 +217,42 @@ def test_a_gpt2_layer_kept_dense_stays_conv1d_through_save_and_load(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+def _calibrated(plan_dense: bool = True):
+    model = _dominant_first_layer()
+    calibration = [torch.randn(8, 24, generator=torch.Generator().manual_seed(3))]
+    controller = prepare(model, TuneCompConfig(target_ratio=0.6, plan_dense=plan_dense),
+                         calibration=calibration)
+    controller.fit_schedule(6)
+    return controller
+
+
+def test_a_calibrated_run_with_a_layer_kept_dense_resumes():
+    controller = _calibrated()
+    assert "blocks.0.0" in controller.dense_layers
+    # statistics are kept for the converted layers only, so the state loads back
+    assert "blocks.0.0" not in controller.activation_rms
+    state = controller.state_dict()
+    fresh = _calibrated()
+    fresh.load_state_dict(state)
+    assert fresh.alive_masks().keys() == controller.alive_masks().keys()
+
+
+def test_a_checkpoint_from_before_plan_dense_resumes_with_plan_dense_false():
+    state = _calibrated(plan_dense=False).state_dict()
+    del state["config"]["plan_dense"]  # saved before the field existed: it converted all
+    _calibrated(plan_dense=False).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"plan_dense=False \(now True\)"):
+        _calibrated(plan_dense=True).load_state_dict(state)
+
+
+def test_preparing_twice_never_converts_a_layer_kept_dense():
+    model = _dominant_first_layer()
+    prepare(model, TuneCompConfig(target_ratio=0.6))
+    with pytest.raises(ValueError, match="prepared twice"):
+        prepare(model, TuneCompConfig(target_ratio=0.6))
+    assert type(model.blocks[0][0]) is nn.Linear
+
+
 def test_adaptive_without_plan_dense_converts_every_layer():
     model = _dominant_first_layer()
     controller = prepare(model, TuneCompConfig(target_ratio=0.6, plan_dense=False,
@@ -228,6 +264,10 @@ def test_adaptive_without_plan_dense_converts_every_layer():
 def test_plan_dense_checks():
     with pytest.raises(TypeError, match="plan_dense must be a bool"):
         TuneCompConfig(plan_dense="yes")
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"got numpy\.bool"):  # not "must be a bool, got bool"
+        TuneCompConfig(plan_dense=np.bool_(True))
     # at a ratio of 1 the plan would keep every layer: all are converted instead, with a
     # warning, as with plan_dense=False (such a run still blends)
     model = _Blocks()

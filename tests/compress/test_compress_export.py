@@ -69,6 +69,11 @@ def test_hf_round_trip_from_config_alone(arch, tmp_path):
     assert compression_report(loaded).to_dict() == compression_report(model).to_dict()
     assert loaded.tunecomp_config == model.tunecomp_config
     meta = read_metadata(out)
+    # a model saved before plan_dense existed was made with every layer converted
+    old = json.loads((out / "tunecomp.json").read_text())
+    del old["tunecomp_config"]["plan_dense"]
+    (out / "tunecomp.json").write_text(json.dumps(old))
+    assert load_compressed(out).tunecomp_config.plan_dense is False
     assert meta["hf_model"]["class"] == type(model).__name__
     ranks = {n: e["rank"] for n, e in meta["layers"].items() if e["kind"] == "lowrank"}
     assert ranks and all(loaded.get_submodule(n).rank == r for n, r in ranks.items())

@@ -22,7 +22,10 @@ def number(name: str, value: object) -> float:
 
 def boolean(name: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        kind = type(value)
+        where = "" if kind.__module__ == "builtins" else kind.__module__.split(".")[0] + "."
+        raise TypeError(f"{name} must be a bool (True or False), got {where}"
+                        f"{kind.__name__} {value!r}")
 
 
 def fraction(name: str, value: object) -> float:

@@ -46,10 +46,10 @@ def check_state(state: Any, config: TuneCompConfig, ranks: dict[str, int]) -> No
            if not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"TuneCompController state: entry {bad[0]!r} is not a tensor")
+    _check_config(state["config"], config)  # first: a different config explains the rest
     unknown = sorted(set(state["activation_rms"]) - set(ranks))
     if unknown:
         raise ValueError(f"the checkpoint has statistics for unknown layers {unknown[:3]}")
-    _check_config(state["config"], config)
     alive = state["alive"]
     if sorted(alive) != sorted(ranks):
         missing = sorted(set(ranks) - set(alive))
@@ -94,16 +94,21 @@ def _check_stored(stored: Any, alive: dict[str, torch.Tensor], ranks: dict[str, 
 _EXECUTION_FIELDS = frozenset({"compact_during_training"})
 
 
+#: Fields newer than some checkpoints and saved models whose old behaviour is not today's
+#: default: a config saved without the field ran with this value.
+BEFORE_FIELD = {"plan_dense": False}
+
+
 def _check_config(saved: dict[str, Any], config: TuneCompConfig) -> None:
     mine = config.to_dict()
-    # a field newer than the checkpoint counts as saved with its default value
+    # a field newer than the checkpoint counts as saved with the value it then behaved as
     defaults = TuneCompConfig.__dataclass_fields__
-    diff = sorted(k for k in mine if k not in _EXECUTION_FIELDS
-                  and saved.get(k, defaults[k].default) != mine[k])
+    saved = {k: saved.get(k, BEFORE_FIELD.get(k, defaults[k].default)) for k in mine}
+    diff = sorted(k for k in mine if k not in _EXECUTION_FIELDS and saved[k] != mine[k])
     if diff:
         raise ValueError(
             "the checkpoint was made with a different TuneCompConfig; differing fields: "
-            + ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in diff)
+            + ", ".join(f"{k}={saved[k]!r} (now {mine[k]!r})" for k in diff)
         )
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .base_model import base_config_differences, check_module_signature
 from .config import TuneCompConfig
+from .controller_state import BEFORE_FIELD
 from .hf_format import guard_save_pretrained
 from .prepare import CONFIG_ATTR
 from .targets import INFO_ATTR, TargetInfo, is_supported, layer_dims, set_submodule
@@ -189,7 +190,8 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         raise ValueError("model already holds TuneComp layers: pass an uncompressed instance")
     _convert(model, meta, tensors, given=not built_here)
     if meta.get("tunecomp_config") is not None:
-        setattr(model, CONFIG_ATTR, TuneCompConfig.from_dict(meta["tunecomp_config"]))
+        saved = {**BEFORE_FIELD, **meta["tunecomp_config"]}  # as the run behaved
+        setattr(model, CONFIG_ATTR, TuneCompConfig.from_dict(saved))
     if built_here:
         model.eval()
     return guard_save_pretrained(model)  # a plain save_pretrained would reload random layers

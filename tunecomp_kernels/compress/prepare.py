@@ -73,12 +73,15 @@ def select_targets(model: nn.Module, config: TuneCompConfig) -> dict[str, nn.Mod
     """The layers ``config`` selects in ``model``; a clear error when there are none."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    already = [n for n, m in model.named_modules() if isinstance(m, MaskedLowRankLinear)]
+    # layers an earlier prepare converted or kept dense are never selected again
+    already = {n for n, m in model.named_modules() if isinstance(m, MaskedLowRankLinear)
+               or isinstance(getattr(m, INFO_ATTR, None), TargetInfo)}
     targets, left_dense = select_layers(model, config.include_patterns(),
                                         config.exclude_patterns())
+    targets = {n: m for n, m in targets.items() if n not in already}
     if not targets:
-        hint = (f" (it already holds {len(already)} MaskedLowRankLinear layers: prepared twice?)"
-                if already else "")
+        hint = (f" (it already holds {len(already)} layers converted or kept dense by "
+                "prepare: prepared twice?)" if already else "")
         if left_dense:
             kinds = sorted({kind for kind, _ in left_dense.values()})
             hint += (f" (the {len(left_dense)} layer(s) it selects are {'/'.join(kinds)}: see "
@@ -320,7 +323,7 @@ def prepare(
 
     setattr(model, CONFIG_ATTR, config)
     guard_save_pretrained(model)  # a plain save_pretrained would reload random layers
-    rms = {n: s.rms.float() for n, s in stats.items()}
+    rms = {n: s.rms.float() for n, s in stats.items() if n in layers}
     return TuneCompController(
         model, layers, config, activation_rms=rms, forward=forward,
         final_ranks={n: final[n] for n in layers} if final else None,
