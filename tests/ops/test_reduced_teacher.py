@@ -56,12 +56,41 @@ def check_against_float64(inputs: dict, backend: str, a: float = 0.6, s: float =
 
 @pytest.mark.parametrize("teacher_dtype", REDUCED, ids=str)
 @pytest.mark.parametrize("teacher_bias", [True, False], ids=["b0", "no-b0"])
-@pytest.mark.parametrize("blocks", ["one-block", "many-blocks"])
+@pytest.mark.parametrize("blocks", ["one-block", "many-blocks", "folded"])
 def test_torch_backend_against_float64(monkeypatch, teacher_dtype, teacher_bias, blocks):
-    if blocks == "many-blocks":  # 3 output rows per block: 29 rows make 10 blocks
+    # 24 rows: no fold; 48 rows (more than in and out): the fold, unless W0 is more than
+    # one block, as with 3 output rows per block (29 rows make 10 blocks)
+    lead = (4, 6) if blocks == "one-block" else (8, 6)
+    if blocks == "many-blocks":
         monkeypatch.setattr(reference, "TEACHER_BLOCK_ELEMENTS", 3 * 33)
-    inputs = reduced_inputs((4, 6), 33, 29, 7, teacher_dtype, teacher_bias=teacher_bias)
+    inputs = reduced_inputs(lead, 33, 29, 7, teacher_dtype, teacher_bias=teacher_bias)
     check_against_float64(inputs, "torch")
+
+
+@pytest.mark.parametrize("block", [4 * 16, 40 * 16], ids=["W0 over a block", "W0 in a block"])
+def test_a_training_batch_upcasts_at_most_a_block(monkeypatch, block):
+    """With more rows than in and out, the op folds the student into W0 only when the
+    folded weight fits in one block; otherwise it upcasts block by block."""
+    monkeypatch.setattr(reference, "TEACHER_BLOCK_ELEMENTS", block)
+    inputs = reduced_inputs((64,), 16, 40, 5, torch.bfloat16)
+    sizes = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.dtype == torch.bfloat16 and out.dtype == torch.float32:
+            sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    x = inputs["x"].clone().requires_grad_()
+    y = masked_lowrank_linear(x, *(inputs[k] for k in GRADS[1:]),
+                              teacher_weight=inputs["teacher_weight"],
+                              teacher_bias=inputs["teacher_bias"], teacher_scale=0.6,
+                              student_scale=0.8, backend="torch")
+    y.sum().backward()
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert sizes and max(sizes) == min(block, 40 * 16)
 
 
 @pytest.mark.parametrize("teacher_dtype", REDUCED, ids=str)

@@ -6,8 +6,8 @@ stored in a narrower dtype than the compute dtype (half inputs, or a bf16/fp16 t
 with fp32 x) is upcast in blocks of at most ``TEACHER_BLOCK_ELEMENTS`` (16 MiB of fp32)
 rather than copied whole.
 
-With a teacher in the compute dtype and a batch of more rows than the layer is wide (any
-training batch), the student is folded into the teacher's weight, ``a·W0 +
+With a batch of more rows than the layer is wide (any training batch), the student is
+folded into the teacher's weight, ``a·W0 +
 U·diag(s·mask)·V``, and the blend takes one product over the rows instead of two (forward,
 and again for dx); the rank-sized products that give the student's own gradients stay.
 """
@@ -73,15 +73,18 @@ def _folds(teacher_weight: torch.Tensor | None, dtype: torch.dtype, rows: int,
     [out, in], and do one product with it. Forming it costs ``out·r·in`` multiply-adds;
     it saves the student's own product over the rows: ``rows·r·out`` in the forward
     (``kept_dim = in``), ``rows·r·in`` for dx (``kept_dim = out``). So it pays when
-    ``rows > kept_dim``: training batches. Only for a teacher stored in the compute dtype
-    (a narrower one is upcast in blocks, never whole)."""
-    return teacher_weight is not None and teacher_weight.dtype == dtype and rows > kept_dim
+    ``rows > kept_dim``: training batches. A teacher stored in a narrower dtype is folded
+    only when the folded weight fits in one upcast block (``TEACHER_BLOCK_ELEMENTS``)."""
+    if teacher_weight is None or rows <= kept_dim:
+        return False
+    return teacher_weight.dtype == dtype or teacher_weight.numel() <= TEACHER_BLOCK_ELEMENTS
 
 
 def _blend_weight(w0: torch.Tensor, a: torch.Tensor | float, U_scaled: torch.Tensor,
                   V: torch.Tensor) -> torch.Tensor:
-    """``a·W0 + U_scaled·V`` [out, in], a fresh tensor in W0's (the compute) dtype."""
-    return (w0 * a).addmm_(U_scaled, V)
+    """``a·W0 + U_scaled·V`` [out, in], a fresh tensor in U_scaled's (the compute) dtype."""
+    w = w0 * a if w0.dtype == U_scaled.dtype else w0.to(U_scaled.dtype).mul_(a)
+    return w.addmm_(U_scaled, V)
 
 
 def _scale(value: torch.Tensor | float) -> torch.Tensor | float:
