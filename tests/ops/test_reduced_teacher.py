@@ -36,6 +36,22 @@ def reduced_inputs(lead: tuple[int, ...], in_f: int, out_f: int, rank: int,
     return inputs
 
 
+def record_upcasts(monkeypatch) -> list[int]:
+    """Patch ``Tensor.to`` to record the size of every bf16 -> fp32 copy; returns the list
+    (undo with ``monkeypatch.undo()``)."""
+    sizes: list[int] = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.dtype == torch.bfloat16 and out.dtype == torch.float32:
+            sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    return sizes
+
+
 def check_against_float64(inputs: dict, backend: str, a: float = 0.6, s: float = 0.8) -> None:
     """Forward and every gradient against float64 with the stored teacher values."""
     leaves = {k: inputs[k].detach().clone().requires_grad_() for k in GRADS}
@@ -73,23 +89,14 @@ def test_a_training_batch_upcasts_at_most_a_block(monkeypatch, block):
     folded weight fits in one block; otherwise it upcasts block by block."""
     monkeypatch.setattr(reference, "TEACHER_BLOCK_ELEMENTS", block)
     inputs = reduced_inputs((64,), 16, 40, 5, torch.bfloat16)
-    sizes = []
-    real_to = torch.Tensor.to
-
-    def recording_to(self, *args, **kwargs):
-        out = real_to(self, *args, **kwargs)
-        if self.dtype == torch.bfloat16 and out.dtype == torch.float32:
-            sizes.append(out.numel())
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    sizes = record_upcasts(monkeypatch)
     x = inputs["x"].clone().requires_grad_()
     y = masked_lowrank_linear(x, *(inputs[k] for k in GRADS[1:]),
                               teacher_weight=inputs["teacher_weight"],
                               teacher_bias=inputs["teacher_bias"], teacher_scale=0.6,
                               student_scale=0.8, backend="torch")
     y.sum().backward()
-    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    monkeypatch.undo()
     assert sizes and max(sizes) == min(block, 40 * 16)
 
 
@@ -112,22 +119,13 @@ def test_block_loop_never_upcasts_more_than_a_block(monkeypatch):
     """The torch backend's transient fp32 copy of W0 is one block, not the whole W0."""
     monkeypatch.setattr(reference, "TEACHER_BLOCK_ELEMENTS", 4 * 16)
     w0 = torch.randn(40, 16).to(torch.bfloat16)
-    sizes = []
-    real_to = torch.Tensor.to
-
-    def recording_to(self, *args, **kwargs):
-        out = real_to(self, *args, **kwargs)
-        if self.dtype == torch.bfloat16 and out.dtype == torch.float32:
-            sizes.append(out.numel())
-        return out
-
-    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    sizes = record_upcasts(monkeypatch)
     x2 = torch.randn(5, 16)
     y = reference._teacher_forward(x2, w0, None, 1.0)
     dx = torch.zeros(5, 16)
     reference._teacher_backward(dx, torch.ones(5, 40), w0)
     assert sizes and max(sizes) == 4 * 16
-    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    monkeypatch.undo()
     torch.testing.assert_close(y, x2 @ w0.float().t())
     torch.testing.assert_close(dx, torch.ones(5, 40) @ w0.float())
 
