@@ -332,11 +332,6 @@ class TuneCompConfig:
         """Whether final ranks are planned before training (``allocation != "adaptive"``)."""
         return self.allocation != "adaptive"
 
-    @property
-    def plans_dense_layers(self) -> bool:
-        """Whether ``prepare`` plans which layers stay dense (planned rules, or plan_dense)."""
-        return self.planned_allocation or self.plan_dense
-
     # --- derived values ------------------------------------------------------------------
 
     @property

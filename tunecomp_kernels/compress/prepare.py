@@ -303,7 +303,8 @@ def prepare(
     check_teacher_dtype(targets, config)
 
     stats = _calibration_stats(model, targets, config, calibration, forward)
-    final = planned_ranks(targets, infos, config, stats) if config.plans_dense_layers else {}
+    plans = config.planned_allocation or config.plan_dense
+    final = planned_ranks(targets, infos, config, stats) if plans else {}
     kept_dense = {n: infos[n] for n, k in final.items() if k == DENSE}
     if not config.planned_allocation:
         final = {}  # "adaptive": only the dense layers are decided before training

@@ -7,9 +7,9 @@ with fp32 x) is upcast in blocks of at most ``TEACHER_BLOCK_ELEMENTS`` (16 MiB o
 rather than copied whole.
 
 With a batch of more rows than the layer is wide (any training batch), the student is
-folded into the teacher's weight, ``a·W0 +
-U·diag(s·mask)·V``, and the blend takes one product over the rows instead of two (forward,
-and again for dx); the rank-sized products that give the student's own gradients stay.
+folded into the teacher's weight, ``a·W0 + U·diag(s·mask)·V``, and the blend takes one
+product over the rows instead of two (forward, and again for dx); the rank-sized products
+that give the student's own gradients stay.
 """
 
 from __future__ import annotations
