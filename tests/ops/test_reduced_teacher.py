@@ -72,23 +72,33 @@ def check_against_float64(inputs: dict, backend: str, a: float = 0.6, s: float =
 
 @pytest.mark.parametrize("teacher_dtype", REDUCED, ids=str)
 @pytest.mark.parametrize("teacher_bias", [True, False], ids=["b0", "no-b0"])
-@pytest.mark.parametrize("blocks", ["one-block", "many-blocks", "folded"])
+@pytest.mark.parametrize("blocks", ["one-block", "many-blocks", "folded", "weight-path"])
 def test_torch_backend_against_float64(monkeypatch, teacher_dtype, teacher_bias, blocks):
     # 24 rows: no fold; 48 rows (more than in and out): the fold, unless W0 is more than
-    # one block, as with 3 output rows per block (29 rows make 10 blocks)
-    lead = (4, 6) if blocks == "one-block" else (8, 6)
+    # one block, as with 3 output rows per block (29 rows make 10 blocks); 96 rows and a
+    # rank near in and out: the weight path (reference.takes_weight_path)
+    lead = {"one-block": (4, 6), "weight-path": (96,)}.get(blocks, (8, 6))
     if blocks == "many-blocks":
         monkeypatch.setattr(reference, "TEACHER_BLOCK_ELEMENTS", 3 * 33)
-    inputs = reduced_inputs(lead, 33, 29, 7, teacher_dtype, teacher_bias=teacher_bias)
+    rank = 25 if blocks == "weight-path" else 7
+    inputs = reduced_inputs(lead, 33, 29, rank, teacher_dtype, teacher_bias=teacher_bias)
+    takes = reference.takes_weight_path(inputs["teacher_weight"], torch.float32, 96,
+                                        inputs["U"], inputs["V"])
+    assert takes == (blocks == "weight-path")
     check_against_float64(inputs, "torch")
 
 
+@pytest.mark.parametrize("rank", [5, 14], ids=["factored", "weight-path"])
 @pytest.mark.parametrize("block", [4 * 16, 40 * 16], ids=["W0 over a block", "W0 in a block"])
-def test_a_training_batch_upcasts_at_most_a_block(monkeypatch, block):
-    """With more rows than in and out, the op folds the student into W0 only when the
-    folded weight fits in one block; otherwise it upcasts block by block."""
+def test_a_training_batch_upcasts_at_most_a_block(monkeypatch, block, rank):
+    """With more rows than in and out, the op folds the student into W0 (and, for a wide
+    student, takes the weight path) only when the folded weight fits in one block;
+    otherwise it upcasts block by block."""
     monkeypatch.setattr(reference, "TEACHER_BLOCK_ELEMENTS", block)
-    inputs = reduced_inputs((64,), 16, 40, 5, torch.bfloat16)
+    inputs = reduced_inputs((64,), 16, 40, rank, torch.bfloat16)
+    takes = reference.takes_weight_path(inputs["teacher_weight"], torch.float32, 64,
+                                        inputs["U"], inputs["V"])
+    assert takes == (rank == 14 and block == 40 * 16)
     sizes = record_upcasts(monkeypatch)
     x = inputs["x"].clone().requires_grad_()
     y = masked_lowrank_linear(x, *(inputs[k] for k in GRADS[1:]),

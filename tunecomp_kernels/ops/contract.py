@@ -19,7 +19,10 @@ blend runs one graph. Outputs are contiguous whatever the inputs' strides (the f
 implementation says so too).
 
 ``t = x·Vᵀ`` is returned so backward does not recompute it; it is marked
-non-differentiable and never leaves :func:`tunecomp_kernels.masked_lowrank_linear`.
+non-differentiable and never leaves :func:`tunecomp_kernels.masked_lowrank_linear`. A
+backend may return fewer rows of t (none) when its backward does not need them (the
+torch backend's weight path, :func:`tunecomp_kernels.ops.reference.takes_weight_path`);
+it then says how many from the inputs' shapes and dtypes (``saved_rows``), for the fake.
 The public function calls exactly one of these ops, so an uncompiled call
 crosses one op boundary and ``torch.compile`` sees one node per call.
 """
@@ -60,11 +63,23 @@ def scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fake_forward(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale, student_scale):
-    n = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
-    y = x.new_empty((*x.shape[:-1], U.shape[0]))
-    t = x.new_empty((n, V.shape[0]), dtype=intermediate_dtype(x.dtype))
-    return y, t
+SavedRows = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], int]
+
+
+def _all_rows(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+              teacher_weight: torch.Tensor | None) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+
+
+def _make_fake_forward(saved_rows: SavedRows):
+    def fake_forward(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale,
+                     student_scale):
+        y = x.new_empty((*x.shape[:-1], U.shape[0]))
+        t = x.new_empty((saved_rows(x, U, V, teacher_weight), V.shape[0]),
+                        dtype=intermediate_dtype(x.dtype))
+        return y, t
+
+    return fake_forward
 
 
 def _fake_backward(grad_y, x, U, mask, V, t, teacher_weight, teacher_scale, student_scale,
@@ -94,11 +109,14 @@ def register_backend_ops(
     backward_impl: BackwardImpl,
     *,
     make_op: Callable[..., object] = torch.library.custom_op,
+    saved_rows: SavedRows = _all_rows,
 ) -> BackendOps:
     """Register a backend's forward/backward implementations as ``torch.library`` ops.
 
     ``make_op`` is ``torch.library.custom_op`` for opaque kernels, or
     ``torch.library.triton_op`` so that ``torch.compile`` can trace into Triton kernels.
+    ``saved_rows(x, U, V, teacher_weight)``: the rows of the t the forward returns (default:
+    all of x's rows), for the fake implementation of a ``custom_op``.
     """
     fwd_name = f"{NAMESPACE}::masked_lowrank_{name}"
     bwd_name = f"{fwd_name}_backward"
@@ -119,7 +137,7 @@ def register_backend_ops(
         bwd = make_op(bwd_name, backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
     # triton_op derives its own fake implementation by tracing; custom_op needs one.
     if make_op is torch.library.custom_op:
-        fwd.register_fake(_fake_forward)
+        fwd.register_fake(_make_fake_forward(saved_rows))
         bwd.register_fake(_fake_backward)
     bwd_packet = getattr(torch.ops.tunecomp, bwd_name.split("::")[1])
 

@@ -7,9 +7,12 @@ with fp32 x) is upcast in blocks of at most ``TEACHER_BLOCK_ELEMENTS`` (16 MiB o
 rather than copied whole.
 
 With a batch of more rows than the layer is wide (any training batch), the student is
-folded into the teacher's weight, ``a·W0 + U·diag(s·mask)·V``, and the blend takes one
-product over the rows instead of two (forward, and again for dx); the rank-sized products
-that give the student's own gradients stay.
+folded into the teacher's weight, ``W = a·W0 + U·diag(s·mask)·V``, and the blend takes one
+product over the rows instead of two (forward, and again for dx). The student's own
+gradients then come either from rank-sized products over the rows (with ``t = x·Vᵀ``
+saved by the forward), or, when it costs fewer multiply-adds, from the weight's gradient
+``G = dyᵀ·x`` (the "weight path", :func:`takes_weight_path`: no ``t`` is saved, so the
+blend keeps no activation beyond x).
 """
 
 from __future__ import annotations
@@ -80,6 +83,35 @@ def _folds(teacher_weight: torch.Tensor | None, dtype: torch.dtype, rows: int,
     return teacher_weight.dtype == dtype or teacher_weight.numel() <= TEACHER_BLOCK_ELEMENTS
 
 
+def takes_weight_path(teacher_weight: torch.Tensor | None, dtype: torch.dtype, rows: int,
+                      U: torch.Tensor, V: torch.Tensor) -> bool:
+    """Whether a blend call of ``rows`` rows (compute ``dtype``) goes through the folded
+    weight W [out, in] in the forward and the backward: ``y = x·Wᵀ``; ``G = dyᵀ·x``,
+    ``dU = G·Vᵀ·diag(s·mask)``, ``dV = diag(s·mask)·Uᵀ·G``, ``dmask = s·Σ_out U ⊙ (G·Vᵀ)``,
+    ``dx = dy·W`` (W formed again), the chain rule through W. The forward then saves no
+    ``t`` (a [0, r] tensor). Multiply-adds of a training step (N rows, o out, i in):
+    ``3·N·o·i + 4·o·r·i``, against the factored path's ``2·N·o·i + 2·N·r·(o + i)`` plus,
+    for the forward and dx each, the cheaper of forming W (``o·r·i``) or the student's own
+    product over the rows. It is taken when cheaper, only where the fold is allowed
+    (a teacher, and a narrower one only within one upcast block, :func:`_folds`)."""
+    if not _folds(teacher_weight, dtype, rows, 0):
+        return False
+    (out, r), inp = U.shape, V.shape[1]
+    weight = 3 * rows * out * inp + 4 * out * r * inp
+    factored = (2 * rows * out * inp + 2 * rows * r * (out + inp)
+                + r * min(out * inp, rows * out) + r * min(out * inp, rows * inp))
+    return weight < factored
+
+
+def saved_rows(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+               teacher_weight: torch.Tensor | None) -> int:
+    """Rows of the ``t`` the torch backend's forward returns for these inputs: x's rows,
+    or 0 on the weight path (the contract's fake implementation asks this)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    dtype = intermediate_dtype(x.dtype)
+    return 0 if takes_weight_path(teacher_weight, dtype, rows, U, V) else rows
+
+
 def _blend_weight(w0: torch.Tensor, a: torch.Tensor | float, U_scaled: torch.Tensor,
                   V: torch.Tensor) -> torch.Tensor:
     """``a·W0 + U_scaled·V`` [out, in], a fresh tensor in U_scaled's (the compute) dtype."""
@@ -103,16 +135,21 @@ def forward(
     teacher_bias: torch.Tensor | None,
     teacher_scale: torch.Tensor,
     student_scale: torch.Tensor,
+    *,
+    weight_path: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y[..., out] and t = x·Vᵀ [N, r]; see :mod:`tunecomp_kernels.ops.contract`.
+    """y[..., out] and t = x·Vᵀ [N, r]; see :mod:`tunecomp_kernels.ops.contract`. t is
+    [0, r] where :func:`takes_weight_path` says so, unless ``weight_path`` is False (the
+    other backends' fallbacks into this function, whose fakes promise the full t).
 
     The op passes the scales as 0-d tensors, used as tensors (never read on the host)."""
     x2 = _acc(x.reshape(-1, x.shape[-1]))
-    t = x2 @ _acc(V).t()
+    skip_t = weight_path and takes_weight_path(teacher_weight, x2.dtype, x2.shape[0], U, V)
+    t = x2.new_empty((0, V.shape[0])) if skip_t else x2 @ _acc(V).t()
     s = _scale(student_scale)
     # Scale U's columns (out×r) rather than t (N×r): same product, less memory traffic.
     U_scaled = _acc(U) * (_acc(mask) * s)
-    if _folds(teacher_weight, x2.dtype, x2.shape[0], x2.shape[1]):
+    if skip_t or _folds(teacher_weight, x2.dtype, x2.shape[0], x2.shape[1]):
         a = _scale(teacher_scale)
         w = _blend_weight(teacher_weight, a, U_scaled, _acc(V))
         b = None if teacher_bias is None else _acc(teacher_bias) * a
@@ -151,14 +188,47 @@ def backward(
     [r, in] operands instead of the [N, r] intermediates:
     ``dU = (dyᵀ t)·diag(s·mask)``, ``dmask = s·Σ_out U ⊙ (dyᵀ t)`` (= s·Σ_N t ⊙ g),
     ``dV = diag(s·mask)·(gᵀ x)``, ``dx = g·diag(s·mask)·V + a·dy·W0`` with g = dy·U.
+    A t of fewer rows than dy (none saved: the forward's weight path) gives them from
+    ``G = dyᵀ·x`` instead (:func:`takes_weight_path`).
     """
-    need_x, need_U, need_mask, need_V, need_bias = needs_grad
     dy = _acc(grad_y.reshape(-1, U.shape[0]))
     s = _scale(student_scale)
-    mask_s = _acc(mask) * s
+    operands = (dy, x, U, mask, _acc(mask) * s, s, V, teacher_weight, _scale(teacher_scale))
+    if t.shape[0] < dy.shape[0]:  # the forward took the weight path: no t was saved
+        dx, dU, dmask, dV = _weight_path_backward(*operands, needs_grad)
+    else:
+        dx, dU, dmask, dV = _factored_backward(*operands, t, needs_grad)
     # Outputs of a custom op may not alias each other: one fresh empty per slot.
-    dx, dU, dmask, dV, dbias = (grad_y.new_empty((0,)) for _ in range(5))
+    dbias = (s * dy.sum(0)).to(grad_y.dtype) if needs_grad[4] else grad_y.new_empty((0,))
+    return dx, dU, dmask, dV, dbias
 
+
+def _weight_path_backward(dy, x, U, mask, mask_s, s, V, teacher_weight, a, needs_grad):
+    """(dx, dU, dmask, dV) through the folded weight's gradient G = dyᵀ·x [out, in]
+    (:func:`takes_weight_path`); 0-element tensors where not needed."""
+    need_x, need_U, need_mask, need_V, _ = needs_grad
+    dx, dU, dmask, dV = (dy.new_empty((0,)) for _ in range(4))
+    if need_U or need_mask or need_V:
+        G = dy.t() @ _acc(x.reshape(-1, x.shape[-1]))
+        if need_U or need_mask:
+            G_v = G @ _acc(V).t()  # [out, r]: dyᵀ·t without t
+            if need_U:
+                dU = (G_v * mask_s).to(U.dtype)
+            if need_mask:
+                dmask = (s * (_acc(U) * G_v).sum(0)).to(mask.dtype)
+        if need_V:
+            dV = ((_acc(U).t() @ G) * mask_s[:, None]).to(V.dtype)
+    if need_x:
+        dx2 = dy @ _blend_weight(teacher_weight, a, _acc(U) * mask_s, _acc(V))
+        dx = dx2.to(x.dtype).reshape(x.shape)
+    return dx, dU, dmask, dV
+
+
+def _factored_backward(dy, x, U, mask, mask_s, s, V, teacher_weight, a, t, needs_grad):
+    """(dx, dU, dmask, dV) from rank-sized products over the rows with the saved t; dx
+    through the folded weight when there are more rows than outputs (:func:`_folds`)."""
+    need_x, need_U, need_mask, need_V, _ = needs_grad
+    dx, dU, dmask, dV = (dy.new_empty((0,)) for _ in range(4))
     if need_U or need_mask:
         dy_t = dy.t() @ t  # [out, r]
         if need_U:
@@ -169,20 +239,16 @@ def backward(
     if need_V or (need_x and not fold):
         g = dy @ _acc(U)  # [N, r]
         if need_V:
-            x2 = _acc(x.reshape(-1, x.shape[-1]))
-            dV = ((g.t() @ x2) * mask_s[:, None]).to(V.dtype)
+            dV = ((g.t() @ _acc(x.reshape(-1, x.shape[-1]))) * mask_s[:, None]).to(V.dtype)
     if need_x:
         if fold:  # dx = dy·(a·W0 + U·diag(s·mask)·V), one product over the rows
-            dx2 = dy @ _blend_weight(teacher_weight, _scale(teacher_scale),
-                                     _acc(U) * mask_s, _acc(V))
+            dx2 = dy @ _blend_weight(teacher_weight, a, _acc(U) * mask_s, _acc(V))
         else:
             dx2 = g @ (_acc(V) * mask_s[:, None])
             if teacher_weight is not None:
-                _teacher_backward(dx2, dy * _scale(teacher_scale), teacher_weight)
+                _teacher_backward(dx2, dy * a, teacher_weight)
         dx = dx2.to(x.dtype).reshape(x.shape)
-    if need_bias:
-        dbias = (s * dy.sum(0)).to(grad_y.dtype)
-    return dx, dU, dmask, dV, dbias
+    return dx, dU, dmask, dV
 
 
 def reference_float64(
