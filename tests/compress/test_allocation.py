@@ -217,6 +217,32 @@ def test_a_gpt2_layer_kept_dense_stays_conv1d_through_save_and_load(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("init", ["svd", "svd_llm"])
+def test_prepare_factors_each_weight_once_and_builds_what_from_dense_builds(monkeypatch, init):
+    """With the default allocation the plan's SVD also gives the students' starting
+    factors: one SVD per targeted layer (it was two per converted layer), and the same
+    students as factoring again (plan_dense=False builds every student by from_dense)."""
+    calibration = ([torch.randn(8, 24, generator=torch.Generator().manual_seed(3))]
+                   if init == "svd_llm" else None)
+    calls = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd",
+                        lambda *a, **k: calls.append(1) or real_svd(*a, **k))
+    planned, plain = _dominant_first_layer(), _dominant_first_layer()
+    controller = prepare(planned, TuneCompConfig(target_ratio=0.6, init=init), calibration)
+    assert len(calls) == 4  # the four targeted layers, once each
+    prepare(plain, TuneCompConfig(target_ratio=0.6, init=init, plan_dense=False), calibration)
+    monkeypatch.undo()
+    if init == "svd":  # (the whitened spectrum does not single the layer out)
+        assert list(controller.dense_layers) == ["blocks.0.0"]
+    students = dict(plain.named_modules())
+    converted = [(n, m) for n, m in planned.named_modules() if isinstance(m, MaskedLowRankLinear)]
+    assert len(converted) == 4 - len(controller.dense_layers)
+    for name, layer in converted:
+        assert torch.equal(layer.U, students[name].U), name
+        assert torch.equal(layer.V, students[name].V), name
+
+
 def _calibrated(plan_dense: bool = True):
     model = _dominant_first_layer()
     calibration = [torch.randn(8, 24, generator=torch.Generator().manual_seed(3))]

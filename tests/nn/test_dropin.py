@@ -17,6 +17,7 @@ from tunecomp_kernels import MaskedLowRankLinear
 from tunecomp_kernels.compress.calibration import ActivationStats
 from tunecomp_kernels.compress.prepare import build_lowrank
 from tunecomp_kernels.compress.targets import TargetInfo
+from tunecomp_kernels.nn.init import init_decomposition, lowrank_factors
 from tunecomp_kernels.ops.reference import reference_float64
 
 
@@ -168,6 +169,39 @@ def test_from_dense_is_what_from_linear_and_prepare_build(init):
     assert torch.equal(layer.mask, torch.ones(6))
 
 
+@pytest.mark.parametrize("init", ["svd", "asvd", "svd_llm"])
+def test_one_decomposition_gives_the_spectrum_and_the_factors_at_any_rank(init):
+    """InitSVD: the factors at rank r are those lowrank_factors computes, the first r of
+    the full-rank ones, and the spectrum is the init metric's singular values."""
+    torch.manual_seed(0)
+    weight = torch.randn(12, 16)
+    x = torch.randn(64, 16, dtype=torch.float64) * torch.linspace(0.2, 3.0, 16)
+    stats = {"input_abs_mean": x.abs().mean(0), "gram": x.t() @ x}
+    svd = init_decomposition(weight, init, **stats)
+    U6, V6 = svd.factors(6)
+    want_U, want_V = lowrank_factors(weight, 6, init, **stats)
+    assert torch.equal(U6, want_U) and torch.equal(V6, want_V)
+    U, V = svd.factors(12)
+    torch.testing.assert_close(U[:, :6], U6, rtol=0, atol=0)
+    torch.testing.assert_close(V[:6], V6, rtol=1e-12, atol=1e-12)  # svd_llm: a solve per row
+    torch.testing.assert_close(U @ V, weight.double(), rtol=1e-10, atol=1e-10)
+    metric = {"svd": weight.double(), "asvd": None, "svd_llm": None}[init]
+    if metric is not None:
+        torch.testing.assert_close(svd.spectrum(), torch.linalg.svdvals(metric))
+    torch.testing.assert_close(svd.spectrum(), svd.S, rtol=1e-12, atol=1e-12)
+
+
+def test_from_dense_copies_given_factors_instead_of_factoring_again(monkeypatch):
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 12)
+    want = MaskedLowRankLinear.from_dense(dense.weight, dense.bias, rank=5)
+    factors = tuple(f.float() for f in lowrank_factors(dense.weight, 5))
+    monkeypatch.setattr(torch.linalg, "svd", None)  # must not be called
+    got = MaskedLowRankLinear.from_dense(dense.weight, dense.bias, rank=5, factors=factors)
+    for name, t in want.state_dict().items():
+        assert torch.equal(got.state_dict()[name], t), name
+
+
 def test_from_dense_full_rank_reproduces_the_dense_layer_and_keeps_dtype():
     torch.manual_seed(0)
     weight, bias = torch.randn(9, 14, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
@@ -210,8 +244,11 @@ def test_from_dense_conv1d_weight_is_passed_transposed():
      ValueError, r"gram must have shape \[4, 4\] .* got \[3, 3\]"),
     (lambda: MaskedLowRankLinear.from_dense(torch.ones(3, 4, dtype=torch.int64), rank=1),
      ValueError, "dtype must be float16, bfloat16, float32 or float64"),
+    (lambda: MaskedLowRankLinear.from_dense(torch.ones(3, 4), rank=2,
+                                            factors=(torch.ones(3, 3), torch.ones(3, 4))),
+     ValueError, r"factors must have shapes \[3, 2\] and \[2, 4\], got \[3, 3\] and \[3, 4\]"),
 ], ids=["not_tensor", "not_2d", "bias_shape", "inf", "rank", "init", "asvd_stats",
-        "svd_llm_stats", "gram_shape", "int_dtype"])
+        "svd_llm_stats", "gram_shape", "int_dtype", "factors_shape"])
 def test_from_dense_errors(call, exc, message):
     with pytest.raises(exc, match=message):
         call()

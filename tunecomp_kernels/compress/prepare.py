@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.init import init_spectrum, lowrank_factors
+from ..nn.init import init_decomposition, lowrank_factors
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .allocation import DENSE, plan_ranks, start_rank
 from .budget import min_feasible_params
@@ -57,13 +57,14 @@ def build_lowrank(
     *,
     asvd_alpha: float = 0.5,
     backend: str = "auto",
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> MaskedLowRankLinear:
     """A :class:`MaskedLowRankLinear` of ``rank`` factored from ``module`` (Linear or
-    Conv1D) by :meth:`MaskedLowRankLinear.from_dense`, with a copy of its bias and
-    ``info`` attached (no teacher)."""
+    Conv1D) by :meth:`MaskedLowRankLinear.from_dense` (``factors``: already computed),
+    with a copy of its bias and ``info`` attached (no teacher)."""
     layer = MaskedLowRankLinear.from_dense(
         dense_weight(module), getattr(module, "bias", None), rank=rank, init=init,
-        stats=stats, asvd_alpha=asvd_alpha, backend=backend,
+        stats=stats, asvd_alpha=asvd_alpha, backend=backend, factors=factors,
     )
     setattr(layer, INFO_ATTR, info)
     return layer
@@ -174,19 +175,30 @@ def _calibration_stats(
 
 
 def planned_ranks(targets: dict[str, nn.Module], infos: dict[str, TargetInfo],
-                  config: TuneCompConfig, stats: dict[str, ActivationStats]) -> dict[str, int]:
+                  config: TuneCompConfig, stats: dict[str, ActivationStats],
+                  keep_factors: dict[str, tuple[int, Any]] | None = None) -> dict[str, int]:
     """Each target's final rank under ``config.allocation`` (:data:`~.allocation.DENSE`
     for one that stays dense), planned on the spectrum of the init's metric. With
     ``"adaptive"`` (and ``plan_dense``) the ``"global"`` plan decides which layers stay
-    dense; the ranks of the others are then left to the controller."""
+    dense; the ranks of the others are then left to the controller.
+
+    ``keep_factors``: ``{name: (rank, None)}``; each entry's None is replaced by the
+    layer's ``(U, V)`` at that rank, in the layer's dtype, from the same SVD (so that a
+    student built later does not factor its weight again)."""
     rule = "global" if config.allocation == "adaptive" else config.allocation
     spectra = []
     for name, mod in targets.items():
         st = stats.get(name)
-        spectra.append(init_spectrum(
-            dense_weight(mod), config.init,
+        weight = dense_weight(mod)
+        svd = init_decomposition(
+            weight, config.init,
             input_abs_mean=None if st is None or config.init != "asvd" else st.abs_mean,
-            gram=None if st is None else st.gram, asvd_alpha=config.asvd_alpha))
+            gram=None if st is None else st.gram, asvd_alpha=config.asvd_alpha)
+        spectra.append(svd.spectrum())
+        if keep_factors is not None and name in keep_factors:
+            rank = keep_factors[name][0]
+            keep_factors[name] = (rank, tuple(f.to(weight.dtype) for f in svd.factors(rank)))
+        del svd  # one layer's full SVD at a time
     ranks = plan_ranks(spectra, [infos[n] for n in targets], rule,
                        config.target_ratio, min_rank=config.min_rank,
                        floor=config.allocation_floor)
@@ -217,13 +229,15 @@ def _start_rank(info: TargetInfo, config: TuneCompConfig, final_rank: int | None
 
 
 def _student(mod: nn.Module, info: TargetInfo, config: TuneCompConfig,
-             stats: ActivationStats | None, final_rank: int | None = None
-             ) -> MaskedLowRankLinear:
+             stats: ActivationStats | None, final_rank: int | None = None,
+             factors: tuple[int, Any] | None = None) -> MaskedLowRankLinear:
     """The low-rank student of one layer at the starting rank, its teacher attached and
-    its parameters trainable exactly where the original's were."""
+    its parameters trainable exactly where the original's were. ``factors``: ``(rank,
+    (U, V))`` kept by :func:`planned_ranks`, used when that rank is the starting rank."""
     rank = _start_rank(info, config, final_rank)
+    kept = factors[1] if factors is not None and factors[0] == rank else None
     layer = build_lowrank(mod, info, rank, config.init, stats, asvd_alpha=config.asvd_alpha,
-                          backend=config.backend)
+                          backend=config.backend, factors=kept)
     if config.keeps_teacher:
         layer.set_teacher(dense_weight(mod), getattr(mod, "bias", None),
                           dtype=_teacher_dtype(config))
@@ -304,13 +318,19 @@ def prepare(
 
     stats = _calibration_stats(model, targets, config, calibration, forward)
     plans = config.planned_allocation or config.plan_dense
-    final = planned_ranks(targets, infos, config, stats) if plans else {}
+    # with "adaptive" the starting ranks are known before the plan: keep the factors at
+    # those ranks from the plan's SVD (a planned allocation sets them from the plan)
+    factors = (None if config.planned_allocation else
+               {n: (_start_rank(infos[n], config, None), None) for n in targets})
+    final = planned_ranks(targets, infos, config, stats, factors) if plans else {}
     kept_dense = {n: infos[n] for n, k in final.items() if k == DENSE}
     if not config.planned_allocation:
         final = {}  # "adaptive": only the dense layers are decided before training
         kept_dense = _dense_to_keep(kept_dense, targets, config)
-    layers = {name: _student(mod, infos[name], config, stats.get(name), final.get(name))
+    layers = {name: _student(mod, infos[name], config, stats.get(name), final.get(name),
+                             (factors or {}).pop(name, None))
               for name, mod in targets.items() if name not in kept_dense}
+    del factors
     if not layers:
         raise ValueError(
             f"allocation={config.allocation!r} keeps every targeted layer dense at "

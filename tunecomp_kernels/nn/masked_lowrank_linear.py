@@ -295,9 +295,12 @@ class MaskedLowRankLinear(nn.Module):
         stats: FactorStats | None = None,
         asvd_alpha: float = 0.5,
         backend: str = "auto",
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> MaskedLowRankLinear:
         """The one constructor from a dense layer: factor ``weight [out, in]`` into
-        ``U [out, rank]``, ``V [rank, in]`` and copy ``bias [out]``.
+        ``U [out, rank]``, ``V [rank, in]`` and copy ``bias [out]``. ``factors``: that
+        ``(U, V)`` already computed by ``init`` (``InitSVD.factors(rank)``, any float
+        dtype), copied instead of factoring ``weight`` again.
 
         ``init`` is ``"svd"`` (truncated SVD), ``"asvd"`` (needs ``stats.abs_mean [in]``,
         mean |x| per input channel) or ``"svd_llm"`` (needs ``stats.gram [in, in]``, Σ xᵀx);
@@ -338,8 +341,13 @@ class MaskedLowRankLinear(nn.Module):
                                  f"in_features={in_f}, got {list(stat.shape)}")
         layer = cls(in_f, out_f, rank, bias=bias is not None,
                     device=weight.device, dtype=weight.dtype, backend=backend)
-        U, V = lowrank_factors(weight, rank, init, input_abs_mean=abs_mean, gram=gram,
-                               asvd_alpha=asvd_alpha)
+        if factors is None:
+            factors = lowrank_factors(weight, rank, init, input_abs_mean=abs_mean, gram=gram,
+                                      asvd_alpha=asvd_alpha)
+        U, V = factors
+        if tuple(U.shape) != (out_f, rank) or tuple(V.shape) != (rank, in_f):
+            raise ValueError(f"factors must have shapes [{out_f}, {rank}] and [{rank}, {in_f}], "
+                             f"got {list(U.shape)} and {list(V.shape)}")
         with torch.no_grad():
             layer.U.copy_(U)
             layer.V.copy_(V)
