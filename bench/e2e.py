@@ -64,6 +64,7 @@ train_joint@0.5,train_after@1.0,train_after_compact@1.0,infer_dense,infer_compre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -96,6 +97,7 @@ from e2e_compile import (  # noqa: E402
     recompile_report,
     warm_up,
 )
+from memory_parts import saved_activations, state_parts  # noqa: E402
 
 TRAIN_METHODS = ("train_dense", "train_joint", "train_joint_bf16", "train_after",
                  "train_after_masked", "train_after_compact") + COMPILED_TRAIN_METHODS
@@ -184,10 +186,14 @@ def time_training(model, batch, steps: int, controller=None) -> dict:
     trim_heap()  # memory the set-up freed (dense weights, SVD temporaries) is not resident
     rss_before = current_rss_mib()
     hwm_reset = reset_peak_rss()  # from here on the peak belongs to the training steps
-    for _ in range(steps):
+    parts: dict = {}
+    for step in range(steps):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        out = model(**batch)
+        # the first step (untimed: it allocates the optimiser state) counts the activations
+        with saved_activations(model) if step == 0 else contextlib.nullcontext() as saved:
+            out = model(**batch)
+        parts.update(saved or {})
         loss = out.loss
         if controller is not None:
             loss = loss + controller.regularization(out, batch)
@@ -199,6 +205,8 @@ def time_training(model, batch, steps: int, controller=None) -> dict:
         end = time.perf_counter()
         step_times.append(end - start)
         controller_times.append(end - mid)
+        if step == 0:
+            parts.update(state_parts(model, opt))
     timed = step_times[1:] if len(step_times) > 1 else step_times  # step 1 allocates state
     tokens = batch["input_ids"].numel()
     return {
@@ -212,6 +220,7 @@ def time_training(model, batch, steps: int, controller=None) -> dict:
         "trainable_params": sum(p.numel() for p in params),
         "params_total": sum(p.numel() for p in model.parameters()),
         "buffer_bytes": sum(b.numel() * b.element_size() for b in model.buffers()),
+        "memory_parts_mib": parts,
     }
 
 
@@ -249,15 +258,23 @@ def setup_training(model, method: str, init_rank_ratio: float, result: dict):
     controller to step (or None)."""
     controller = None
     if method in ("train_joint", "train_joint_bf16"):
+        import torch
+
         from tunecomp_kernels.compress import TuneCompConfig, prepare
 
         cfg = TuneCompConfig(target_ratio=TARGET_RATIO, init_rank_ratio=init_rank_ratio,
                              blend_steps=2 * MID_BLEND, total_steps=4 * MID_BLEND,
                              teacher_dtype="bfloat16" if method == "train_joint_bf16" else None)
         controller = prepare(model, cfg)
+        # as in a real run, an optimiser is attached from the start, so ranks pruned on
+        # the way to mid-blend are compacted away when due (no state yet: no steps taken)
+        setup_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        controller.attach_optimizer(setup_opt)
         for _ in range(MID_BLEND):
             controller.step()
+        del setup_opt
         result["alpha"] = controller.alpha
+        result["compaction_events"] = controller.compaction_events
     elif method in ("train_after", "train_after_masked", "train_after_compact"):
         controller = bring_to_budget(model, init_rank_ratio, method == "train_after")
         result["ratio"] = controller.ratio
@@ -483,6 +500,8 @@ def summarize(runs: list[dict], rounds: int) -> dict:
                 entry["controller_step_s"] = median([r["controller_step_s"] for r in ok])
                 entry["trainable_params"] = ok[0]["trainable_params"]
                 entry["buffer_bytes"] = ok[0]["buffer_bytes"]
+                if "memory_parts_mib" in ok[0]:
+                    entry["memory_parts_mib"] = ok[0]["memory_parts_mib"]
             if "latency" in ok[0]:
                 entry["latency_ms"] = {
                     shape: median([r["latency"][shape]["median_s"] for r in ok]) * 1e3

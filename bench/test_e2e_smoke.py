@@ -144,3 +144,22 @@ def test_step_profile_splits_the_step_and_bounds_the_speed_up(tmp_path):
     assert 0 < share < 1
     # Amdahl: linear matmuls at half their cost, the rest unchanged
     assert result["amdahl_bound"] == pytest.approx(1 / (1 - share / 2))
+
+
+def test_memory_parts_count_saved_activations_once_and_the_state():
+    """x saved by two layers is one activation; a parameter saved for backward is not
+    one; gradients and AdamW state are what the step allocated."""
+    from memory_parts import MIB, saved_activations, state_parts
+
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(64, 32), "b": torch.nn.Linear(64, 32)})
+    x = torch.randn(128, 64, requires_grad=True)
+    with saved_activations(model) as saved:
+        loss = (model["a"](x) * model["b"](x)).sum()  # the product saves both outputs
+    assert saved["activations_mib"] == pytest.approx((128 * 64 + 2 * 128 * 32) * 4 / MIB)
+    opt = torch.optim.AdamW(model.parameters())
+    loss.backward()
+    opt.step()
+    parts = state_parts(model, opt)
+    params = 2 * (64 * 32 + 32) * 4 / MIB
+    assert parts["trainable_params_mib"] == parts["gradients_mib"] == pytest.approx(params)
+    assert parts["optimizer_state_mib"] >= 2 * params and parts["buffers_mib"] == 0

@@ -99,9 +99,10 @@ def test_saved_rows_agrees_with_the_forward():
                                         inputs["teacher_weight"])
 
 
-def test_opcheck_on_the_weight_path():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_on_the_weight_path(dtype):
     ops = load_backend("torch")
-    inputs = make_inputs((5, 13), 11, 17, 9, torch.float32, teacher=True)
+    inputs = make_inputs((5, 13), 11, 17, 9, dtype, teacher=True)
     assert _takes(inputs)
     leaves = {n: inputs[n].detach().requires_grad_() for n in GRAD_NAMES}
     a, s = torch.tensor(0.5), torch.tensor(1.5)

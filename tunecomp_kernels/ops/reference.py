@@ -207,7 +207,7 @@ def _weight_path_backward(dy, x, U, mask, mask_s, s, V, teacher_weight, a, needs
     """(dx, dU, dmask, dV) through the folded weight's gradient G = dyᵀ·x [out, in]
     (:func:`takes_weight_path`); 0-element tensors where not needed."""
     need_x, need_U, need_mask, need_V, _ = needs_grad
-    dx, dU, dmask, dV = (dy.new_empty((0,)) for _ in range(4))
+    dx, dU, dmask, dV = (x.new_empty((0,)) for _ in range(4))  # never aliased
     if need_U or need_mask or need_V:
         G = dy.t() @ _acc(x.reshape(-1, x.shape[-1]))
         if need_U or need_mask:
@@ -228,7 +228,7 @@ def _factored_backward(dy, x, U, mask, mask_s, s, V, teacher_weight, a, t, needs
     """(dx, dU, dmask, dV) from rank-sized products over the rows with the saved t; dx
     through the folded weight when there are more rows than outputs (:func:`_folds`)."""
     need_x, need_U, need_mask, need_V, _ = needs_grad
-    dx, dU, dmask, dV = (dy.new_empty((0,)) for _ in range(4))
+    dx, dU, dmask, dV = (x.new_empty((0,)) for _ in range(4))  # never aliased
     if need_U or need_mask:
         dy_t = dy.t() @ t  # [out, r]
         if need_U:
