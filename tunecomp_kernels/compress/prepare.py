@@ -266,6 +266,26 @@ def check_teacher_dtype(targets: dict[str, nn.Module], config: TuneCompConfig) -
                 "leave teacher_dtype=None to store the teachers in the model's dtype")
 
 
+def _convert(targets: dict[str, nn.Module], infos: dict[str, TargetInfo],
+             config: TuneCompConfig, stats: dict[str, ActivationStats]) -> tuple[dict, dict, dict]:
+    """``(students, kept dense, final ranks)``: the plan (when the config plans), then a
+    student for every layer it does not keep dense, in the targets' order."""
+    plans = config.planned_allocation or config.plan_dense
+    # with "adaptive" the starting ranks are known before the plan: keep the factors at
+    # those ranks from the plan's SVD (a planned allocation sets them from the plan)
+    factors = ({} if config.planned_allocation else
+               {n: (_start_rank(infos[n], config, None), None) for n in targets})
+    final = planned_ranks(targets, infos, config, stats, factors) if plans else {}
+    kept_dense = {n: infos[n] for n, k in final.items() if k == DENSE}
+    if not config.planned_allocation:
+        final = {}  # "adaptive": only the dense layers are decided before training
+        kept_dense = _dense_to_keep(kept_dense, targets, config)
+    layers = {name: _student(mod, infos[name], config, stats.get(name), final.get(name),
+                             factors.pop(name, None))
+              for name, mod in targets.items() if name not in kept_dense}
+    return layers, kept_dense, final
+
+
 def prepare(
     model: nn.Module,
     config: TuneCompConfig | None = None,
@@ -317,20 +337,7 @@ def prepare(
     check_teacher_dtype(targets, config)
 
     stats = _calibration_stats(model, targets, config, calibration, forward)
-    plans = config.planned_allocation or config.plan_dense
-    # with "adaptive" the starting ranks are known before the plan: keep the factors at
-    # those ranks from the plan's SVD (a planned allocation sets them from the plan)
-    factors = (None if config.planned_allocation else
-               {n: (_start_rank(infos[n], config, None), None) for n in targets})
-    final = planned_ranks(targets, infos, config, stats, factors) if plans else {}
-    kept_dense = {n: infos[n] for n, k in final.items() if k == DENSE}
-    if not config.planned_allocation:
-        final = {}  # "adaptive": only the dense layers are decided before training
-        kept_dense = _dense_to_keep(kept_dense, targets, config)
-    layers = {name: _student(mod, infos[name], config, stats.get(name), final.get(name),
-                             (factors or {}).pop(name, None))
-              for name, mod in targets.items() if name not in kept_dense}
-    del factors
+    layers, kept_dense, final = _convert(targets, infos, config, stats)
     if not layers:
         raise ValueError(
             f"allocation={config.allocation!r} keeps every targeted layer dense at "
