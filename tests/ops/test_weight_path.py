@@ -1,7 +1,8 @@
-"""The torch backend's weight path (ops/reference.py, ``takes_weight_path``): a blend call
-with many rows and a wide student goes through the folded weight's gradient ``dyᵀ·x``
-and saves no ``t = x·Vᵀ``. Every gradient against float64, each one alone, the fake
-implementation, torch.compile and torch.func on shapes that take it."""
+"""The torch backend's weight path (ops/reference.py, ``takes_weight_path``): in eager
+mode a blend call with many rows and a wide student goes through the folded weight's
+gradient ``dyᵀ·x`` (its own op pair) and saves no ``t = x·Vᵀ``. Every gradient against
+float64, each one alone, the op pair's fake implementation, which op the public function
+calls, and torch.compile / torch.export with a dynamic batch (no branch on the rows)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from helpers import assert_close, make_inputs
 from test_op import GRAD_NAMES, run_and_compare
 
 from tunecomp_kernels import masked_lowrank_linear
+from tunecomp_kernels.ops import reference
 from tunecomp_kernels.ops.backends import load_backend
 from tunecomp_kernels.ops.reference import (
     TEACHER_BLOCK_ELEMENTS,
     reference_float64,
-    saved_rows,
     takes_weight_path,
 )
+from tunecomp_kernels.ops.reference_op import WEIGHT_PATH_OPS
 
 # (leading dims, in, out, rank): many rows, a rank near min(in, out)
 WEIGHT_PATH_SHAPES = [
@@ -56,6 +58,11 @@ def test_weight_path_gives_each_gradient_alone(wanted):
     assert_close(got, want, torch.float64, f"d{wanted}")
 
 
+def _op_args(inputs: dict) -> tuple:
+    return (inputs["x"], inputs["U"], inputs["mask"], inputs["V"], None,
+            inputs["teacher_weight"], None, torch.tensor(0.5), torch.tensor(1.0))
+
+
 def test_weight_path_saves_no_rank_sized_activation():
     """Autograd keeps x and the parameters, never an [N, r] tensor (t is [0, r])."""
     inputs = make_inputs((64,), 12, 10, 8, torch.float32, teacher=True)
@@ -67,10 +74,27 @@ def test_weight_path_saves_no_rank_sized_activation():
                               teacher_scale=0.5, backend="torch")
     assert (0, 8) in saved
     assert (64, 8) not in saved
-    y, t = load_backend("torch").forward(
-        inputs["x"], inputs["U"], inputs["mask"], inputs["V"], None,
-        inputs["teacher_weight"], None, torch.tensor(0.5), torch.tensor(1.0))
-    assert t.shape == (0, 8) and y.shape == (64, 10)
+
+
+def test_each_op_returns_t_of_fixed_rows_and_the_public_function_chooses():
+    """The torch op always returns t [N, r], the weight-path op [0, r]: output shapes never
+    depend on the cost rule. The public function calls the weight-path op where the rule
+    says so, in eager mode."""
+    from helpers import op_recorder
+
+    for rows in (4, 64):
+        inputs = make_inputs((rows,), 12, 10, 8, torch.float32, teacher=True)
+        assert load_backend("torch").forward(*_op_args(inputs))[1].shape == (rows, 8)
+        assert WEIGHT_PATH_OPS.forward(*_op_args(inputs))[1].shape == (0, 8)
+        with op_recorder() as rec:
+            masked_lowrank_linear(*(inputs[n] for n in GRAD_NAMES),
+                                  teacher_weight=inputs["teacher_weight"], teacher_scale=0.5,
+                                  backend="torch")
+        want = "torch_weight_path.default" if rows == 64 else "torch.default"
+        assert [op for op in rec.ops if "tunecomp" in op][0].endswith(want), rec.ops
+    with pytest.raises(ValueError, match="the weight path needs a teacher_weight"):
+        inputs["teacher_weight"] = None
+        WEIGHT_PATH_OPS.forward(*_op_args(inputs))
 
 
 def test_other_calls_keep_the_rank_sized_path():
@@ -89,19 +113,9 @@ def test_other_calls_keep_the_rank_sized_path():
     assert takes_weight_path(w0.bfloat16(), torch.float32, 1300, U, V)
 
 
-def test_saved_rows_agrees_with_the_forward():
-    for lead, in_f, out_f, rank in [((64,), 12, 10, 8), ((4,), 12, 10, 8), ((0,), 12, 10, 8)]:
-        inputs = make_inputs(lead, in_f, out_f, rank, torch.float32, teacher=True)
-        _, t = load_backend("torch").forward(
-            inputs["x"], inputs["U"], inputs["mask"], inputs["V"], None,
-            inputs["teacher_weight"], None, torch.tensor(0.5), torch.tensor(1.0))
-        assert t.shape[0] == saved_rows(inputs["x"], inputs["U"], inputs["V"],
-                                        inputs["teacher_weight"])
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck_on_the_weight_path(dtype):
-    ops = load_backend("torch")
+    ops = WEIGHT_PATH_OPS
     inputs = make_inputs((5, 13), 11, 17, 9, dtype, teacher=True)
     assert _takes(inputs)
     leaves = {n: inputs[n].detach().requires_grad_() for n in GRAD_NAMES}
@@ -118,9 +132,13 @@ def test_opcheck_on_the_weight_path(dtype):
                                s, needs))
 
 
-def test_compiled_weight_path_matches_eager():
+def test_compiled_layer_matches_eager_with_no_guard_on_the_rows():
+    """Under torch.compile the factored op runs (no branch on the number of rows): one
+    dynamic graph serves batches on both sides of the eager cost rule, and equals eager
+    (which takes the weight path for the large batch)."""
+    import torch._dynamo.testing
+
     inputs = make_inputs((64,), 12, 10, 8, torch.float32, teacher=True)
-    assert _takes(inputs)
     params = [inputs[n].clone().requires_grad_() for n in ("U", "mask", "V", "bias")]
 
     def f(x):
@@ -128,10 +146,33 @@ def test_compiled_weight_path_matches_eager():
                                      teacher_scale=0.4, student_scale=0.9,
                                      backend="torch").square().sum()
 
-    want = torch.autograd.grad(f(inputs["x"]), params)
-    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(inputs["x"]), params)
-    for g, w, name in zip(got, want, ("U", "mask", "V", "bias")):
-        torch.testing.assert_close(g, w, msg=name)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(f, backend=counter, dynamic=True, fullgraph=True)
+    for rows in (5, 64, 300):
+        x = torch.randn(rows, 12)
+        assert _takes({**inputs, "x": x}) == (rows > 5)
+        want = torch.autograd.grad(f(x), params)
+        got = torch.autograd.grad(compiled(x), params)
+        for g, w, name in zip(got, want, ("U", "mask", "V", "bias")):
+            # the two paths associate the sums differently: fp32 rounding apart
+            assert_close(g, w, torch.float32, f"d{name} at {rows} rows")
+    assert counter.frame_count == 1
+
+
+def test_export_with_a_dynamic_batch_and_a_teacher():
+    from torch.export import Dim, export
+
+    from tunecomp_kernels import MaskedLowRankLinear
+
+    torch.manual_seed(0)
+    layer = MaskedLowRankLinear(24, 20, 16, backend="torch")
+    layer.set_teacher(torch.randn(20, 24))
+    layer.teacher_scale = 0.5
+    program = export(layer, (torch.randn(64, 24),),
+                     dynamic_shapes={"x": {0: Dim("b", min=2, max=4096)}})
+    for rows in (4, 300):
+        x = torch.randn(rows, 24)
+        torch.testing.assert_close(program.module()(x), layer(x))
 
 
 def test_per_sample_gradients_on_the_weight_path():
@@ -153,15 +194,11 @@ def test_per_sample_gradients_on_the_weight_path():
         torch.testing.assert_close(per_sample[i], want)
 
 
-def test_fallbacks_of_other_backends_keep_the_full_t():
-    """The Triton and CUDA backends' fakes promise t [N, r]; their fallbacks into
-    reference.forward pass weight_path=False."""
-    from tunecomp_kernels.ops import reference
-
+def test_reference_forward_keeps_the_full_t_unless_told():
+    """The Triton and CUDA backends' fallbacks into reference.forward get the contract's
+    full t; only the weight-path op passes weight_path=True."""
     inputs = make_inputs((64,), 12, 10, 8, torch.float32, teacher=True)
-    args = (inputs["x"], inputs["U"], inputs["mask"], inputs["V"], None,
-            inputs["teacher_weight"], None, torch.tensor(0.5), torch.tensor(1.0))
-    y_full, t_full = reference.forward(*args, weight_path=False)
-    y, t = reference.forward(*args)
+    y_full, t_full = reference.forward(*_op_args(inputs))
+    y, t = reference.forward(*_op_args(inputs), weight_path=True)
     assert t_full.shape == (64, 8) and t.shape == (0, 8)
     torch.testing.assert_close(y, y_full)

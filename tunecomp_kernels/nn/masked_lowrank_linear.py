@@ -300,7 +300,9 @@ class MaskedLowRankLinear(nn.Module):
         """The one constructor from a dense layer: factor ``weight [out, in]`` into
         ``U [out, rank]``, ``V [rank, in]`` and copy ``bias [out]``. ``factors``: that
         ``(U, V)`` already computed by ``init`` (``InitSVD.factors(rank)``, any float
-        dtype), copied instead of factoring ``weight`` again.
+        dtype), copied as given (rounded to the layer's dtype) instead of factoring
+        ``weight`` again; ``init`` and ``stats`` are then not used, and ``rank`` must
+        still be given (or is ``min(in, out)``).
 
         ``init`` is ``"svd"`` (truncated SVD), ``"asvd"`` (needs ``stats.abs_mean [in]``,
         mean |x| per input channel) or ``"svd_llm"`` (needs ``stats.gram [in, in]``, Σ xᵀx);
@@ -314,7 +316,9 @@ class MaskedLowRankLinear(nn.Module):
             TypeError: ``weight`` is not a tensor.
             ValueError: ``weight`` is not 2-D, holds NaN/inf or has an unsupported dtype;
                 ``bias`` or a statistic has the wrong shape; ``rank`` is out of
-                ``[1, min(in, out)]``; ``init`` is unknown or its statistic is missing.
+                ``[1, min(in, out)]``; ``init`` is unknown or its statistic is missing
+                (without ``factors``); ``factors`` do not have shapes ``[out, rank]`` and
+                ``[rank, in]``.
         """
         if not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")

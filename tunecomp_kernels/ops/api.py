@@ -8,9 +8,11 @@ import math
 import torch
 
 from .backends import resolve_backend
-from .contract import scale_dtype
+from .contract import intermediate_dtype, scale_dtype
 from .cuda_tables import shape_key as _shape_key
 from .distill_contract import feature_loss
+from .reference import takes_weight_path
+from .reference_op import WEIGHT_PATH
 from .transforms import distill_functorch_function, functorch_active, functorch_function
 from .validation import check_inputs
 
@@ -69,13 +71,25 @@ def masked_lowrank_linear(
     a = _scale_tensor(teacher_scale, x)
     s = _scale_tensor(student_scale, x)
     name = resolve_backend(backend, x.device.type, _auto_shape_key(backend, x, U))
-    op = getattr(torch.ops.tunecomp, f"masked_lowrank_{name}")
     args = (x, U, mask, V, bias, teacher_weight, teacher_bias, a, s)
     if functorch_active():  # torch.func.grad & co. cannot run a custom op's own autograd
         y, _t = functorch_function(name).apply(*args)
-    else:
-        y, _t = op(*args)
+        return y
+    if name == "torch" and _weight_path_pays(x, U, V, teacher_weight):
+        name = WEIGHT_PATH
+    y, _t = getattr(torch.ops.tunecomp, f"masked_lowrank_{name}")(*args)
     return y
+
+
+def _weight_path_pays(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
+                      teacher_weight: torch.Tensor | None) -> bool:
+    """Eager only: the choice depends on the number of rows, and under ``torch.compile`` /
+    ``torch.export`` it would put a guard on it (recompiles per range of batch sizes, no
+    dynamic or data-dependent batch dimension)."""
+    if torch.compiler.is_compiling() or x.shape[-1] == 0:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return takes_weight_path(teacher_weight, intermediate_dtype(x.dtype), rows, U, V)
 
 
 def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:

@@ -19,10 +19,10 @@ blend runs one graph. Outputs are contiguous whatever the inputs' strides (the f
 implementation says so too).
 
 ``t = x·Vᵀ`` is returned so backward does not recompute it; it is marked
-non-differentiable and never leaves :func:`tunecomp_kernels.masked_lowrank_linear`. A
-backend may return fewer rows of t (none) when its backward does not need them (the
-torch backend's weight path, :func:`tunecomp_kernels.ops.reference.takes_weight_path`);
-it then says how many from the inputs' shapes and dtypes (``saved_rows``), for the fake.
+non-differentiable and never leaves :func:`tunecomp_kernels.masked_lowrank_linear`. An
+op pair whose backward needs none of t returns it with no rows and says so at
+registration (``saved_rows``, for the fake): the torch backend's weight-path pair
+(:mod:`tunecomp_kernels.ops.reference`).
 The public function calls exactly one of these ops, so an uncompiled call
 crosses one op boundary and ``torch.compile`` sees one node per call.
 """

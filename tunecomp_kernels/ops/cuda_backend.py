@@ -45,7 +45,7 @@ def run_forward(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale
     """
     if x.dtype not in cuda_marshal.CUDA_KERNEL_DTYPES:
         y, t = reference.forward(x, U, mask, V, bias, teacher_weight, teacher_bias,
-                                 teacher_scale, student_scale, weight_path=False)
+                                 teacher_scale, student_scale)
         return y, t, "reference"
     x2 = x.reshape(-1, x.shape[-1])
     y2, t, path_name = cuda_marshal.masked_lowrank_forward_cuda(

@@ -8,11 +8,17 @@ rather than copied whole.
 
 With a batch of more rows than the layer is wide (any training batch), the student is
 folded into the teacher's weight, ``W = a·W0 + U·diag(s·mask)·V``, and the blend takes one
-product over the rows instead of two (forward, and again for dx). The student's own
-gradients then come either from rank-sized products over the rows (with ``t = x·Vᵀ``
-saved by the forward), or, when it costs fewer multiply-adds, from the weight's gradient
-``G = dyᵀ·x`` (the "weight path", :func:`takes_weight_path`: no ``t`` is saved, so the
-blend keeps no activation beyond x).
+product over the rows instead of two (forward, and again for dx); the student's own
+gradients come from rank-sized products over the rows, with ``t = x·Vᵀ`` saved by the
+forward.
+
+The "weight path" (``forward(..., weight_path=True)``, registered as its own op pair,
+``masked_lowrank_torch_weight_path``) forms W for every call and takes the student's
+gradients from the weight's, ``G = dyᵀ·x``; it saves no t (a [0, r] tensor), so the blend
+keeps no activation beyond x. The public function calls it in eager mode where
+:func:`takes_weight_path` says it costs fewer multiply-adds. Each op's output shapes are
+fixed by its inputs' shapes alone, so ``torch.compile`` and ``torch.export`` see no
+branch on the number of rows (under them the public function keeps the factored op).
 """
 
 from __future__ import annotations
@@ -103,15 +109,6 @@ def takes_weight_path(teacher_weight: torch.Tensor | None, dtype: torch.dtype, r
     return weight < factored
 
 
-def saved_rows(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-               teacher_weight: torch.Tensor | None) -> int:
-    """Rows of the ``t`` the torch backend's forward returns for these inputs: x's rows,
-    or 0 on the weight path (the contract's fake implementation asks this)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
-    dtype = intermediate_dtype(x.dtype)
-    return 0 if takes_weight_path(teacher_weight, dtype, rows, U, V) else rows
-
-
 def _blend_weight(w0: torch.Tensor, a: torch.Tensor | float, U_scaled: torch.Tensor,
                   V: torch.Tensor) -> torch.Tensor:
     """``a·W0 + U_scaled·V`` [out, in], a fresh tensor in U_scaled's (the compute) dtype."""
@@ -136,15 +133,17 @@ def forward(
     teacher_scale: torch.Tensor,
     student_scale: torch.Tensor,
     *,
-    weight_path: bool = True,
+    weight_path: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y[..., out] and t = x·Vᵀ [N, r]; see :mod:`tunecomp_kernels.ops.contract`. t is
-    [0, r] where :func:`takes_weight_path` says so, unless ``weight_path`` is False (the
-    other backends' fallbacks into this function, whose fakes promise the full t).
+    """y[..., out] and t = x·Vᵀ [N, r]; see :mod:`tunecomp_kernels.ops.contract`. With
+    ``weight_path`` (the weight-path op; needs a teacher) t is [0, r] and y = x·Wᵀ.
 
     The op passes the scales as 0-d tensors, used as tensors (never read on the host)."""
+    if weight_path and teacher_weight is None:
+        raise ValueError("the weight path needs a teacher_weight (it folds the student "
+                         "into it); call the torch op without a teacher instead")
     x2 = _acc(x.reshape(-1, x.shape[-1]))
-    skip_t = weight_path and takes_weight_path(teacher_weight, x2.dtype, x2.shape[0], U, V)
+    skip_t = weight_path
     t = x2.new_empty((0, V.shape[0])) if skip_t else x2 @ _acc(V).t()
     s = _scale(student_scale)
     # Scale U's columns (out×r) rather than t (N×r): same product, less memory traffic.

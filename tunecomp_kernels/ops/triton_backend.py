@@ -249,13 +249,13 @@ def forward(
     out_f, r = U.shape
     if x.dtype == torch.float64 or r == 0:
         return reference.forward(x, U, mask, V, bias, teacher_weight, teacher_bias,
-                                 teacher_scale, student_scale, weight_path=False)
+                                 teacher_scale, student_scale)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     n = x2.shape[0]
     if not _int32_indexable(n, k, out_f, r, x2, U, V, teacher_weight):
         return reference.forward(x, U, mask, V, bias, teacher_weight, teacher_bias,
-                                 teacher_scale, student_scale, weight_path=False)
+                                 teacher_scale, student_scale)
     y = torch.empty((n, out_f), dtype=x.dtype, device=x.device)
     if n == 0:
         return (y.reshape(*x.shape[:-1], out_f),
