@@ -174,19 +174,23 @@ def _calibration_stats(
     return stats
 
 
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
 def planned_ranks(targets: dict[str, nn.Module], infos: dict[str, TargetInfo],
                   config: TuneCompConfig, stats: dict[str, ActivationStats],
-                  keep_factors: dict[str, tuple[int, Any]] | None = None) -> dict[str, int]:
+                  factor_ranks: dict[str, int] | None = None,
+                  ) -> tuple[dict[str, int], dict[str, Factors]]:
     """Each target's final rank under ``config.allocation`` (:data:`~.allocation.DENSE`
     for one that stays dense), planned on the spectrum of the init's metric. With
     ``"adaptive"`` (and ``plan_dense``) the ``"global"`` plan decides which layers stay
     dense; the ranks of the others are then left to the controller.
 
-    ``keep_factors``: ``{name: (rank, None)}``; each entry's None is replaced by the
-    layer's ``(U, V)`` at that rank, in the layer's dtype, from the same SVD (so that a
-    student built later does not factor its weight again)."""
+    Also returns, for each layer named in ``factor_ranks``, its ``(U, V)`` at that rank in
+    the layer's dtype, from the same SVD (so that a student built later does not factor
+    its weight again)."""
     rule = "global" if config.allocation == "adaptive" else config.allocation
-    spectra = []
+    spectra, factors = [], {}
     for name, mod in targets.items():
         st = stats.get(name)
         weight = dense_weight(mod)
@@ -195,14 +199,14 @@ def planned_ranks(targets: dict[str, nn.Module], infos: dict[str, TargetInfo],
             input_abs_mean=None if st is None or config.init != "asvd" else st.abs_mean,
             gram=None if st is None else st.gram, asvd_alpha=config.asvd_alpha)
         spectra.append(svd.spectrum())
-        if keep_factors is not None and name in keep_factors:
-            rank = keep_factors[name][0]
-            keep_factors[name] = (rank, tuple(f.to(weight.dtype) for f in svd.factors(rank)))
+        if factor_ranks and name in factor_ranks:
+            U, V = svd.factors(factor_ranks[name])
+            factors[name] = (U.to(weight.dtype), V.to(weight.dtype))
         del svd  # one layer's full SVD at a time
     ranks = plan_ranks(spectra, [infos[n] for n in targets], rule,
                        config.target_ratio, min_rank=config.min_rank,
                        floor=config.allocation_floor)
-    return dict(zip(targets, ranks))
+    return dict(zip(targets, ranks)), factors
 
 
 def _dense_to_keep(planned: dict[str, TargetInfo], targets: dict[str, nn.Module],
@@ -230,14 +234,13 @@ def _start_rank(info: TargetInfo, config: TuneCompConfig, final_rank: int | None
 
 def _student(mod: nn.Module, info: TargetInfo, config: TuneCompConfig,
              stats: ActivationStats | None, final_rank: int | None = None,
-             factors: tuple[int, Any] | None = None) -> MaskedLowRankLinear:
+             factors: Factors | None = None) -> MaskedLowRankLinear:
     """The low-rank student of one layer at the starting rank, its teacher attached and
-    its parameters trainable exactly where the original's were. ``factors``: ``(rank,
-    (U, V))`` kept by :func:`planned_ranks`, used when that rank is the starting rank."""
+    its parameters trainable exactly where the original's were. ``factors``: its
+    ``(U, V)`` at the starting rank when already computed (:func:`planned_ranks`)."""
     rank = _start_rank(info, config, final_rank)
-    kept = factors[1] if factors is not None and factors[0] == rank else None
     layer = build_lowrank(mod, info, rank, config.init, stats, asvd_alpha=config.asvd_alpha,
-                          backend=config.backend, factors=kept)
+                          backend=config.backend, factors=factors)
     if config.keeps_teacher:
         layer.set_teacher(dense_weight(mod), getattr(mod, "bias", None),
                           dtype=_teacher_dtype(config))
@@ -273,9 +276,10 @@ def _convert(targets: dict[str, nn.Module], infos: dict[str, TargetInfo],
     plans = config.planned_allocation or config.plan_dense
     # with "adaptive" the starting ranks are known before the plan: keep the factors at
     # those ranks from the plan's SVD (a planned allocation sets them from the plan)
-    factors = ({} if config.planned_allocation else
-               {n: (_start_rank(infos[n], config, None), None) for n in targets})
-    final = planned_ranks(targets, infos, config, stats, factors) if plans else {}
+    factor_ranks = (None if config.planned_allocation else
+                    {n: _start_rank(infos[n], config, None) for n in targets})
+    final, factors = (planned_ranks(targets, infos, config, stats, factor_ranks) if plans
+                      else ({}, {}))
     kept_dense = {n: infos[n] for n, k in final.items() if k == DENSE}
     if not config.planned_allocation:
         final = {}  # "adaptive": only the dense layers are decided before training
