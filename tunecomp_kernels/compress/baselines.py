@@ -27,7 +27,7 @@ from .calibration import collect_statistics
 from .config import TuneCompConfig
 from .hf_format import guard_save_pretrained
 from .model_io import call_model
-from .prepare import CONFIG_ATTR, build_lowrank, check_feasible, factor_weight, select_targets
+from .prepare import CONFIG_ATTR, build_lowrank, check_feasible, init_svd, select_targets
 from .targets import INFO_ATTR, TargetInfo, dense_weight, make_target_infos, set_submodule
 from .training import ForwardFn
 
@@ -77,10 +77,8 @@ def compress_to_budget(
                                    gram=config.init == "svd_llm", forward=forward)
     sigma = {}
     for name, mod in targets.items():
-        full = min(infos[name].in_features, infos[name].out_features)
-        U, _ = factor_weight(dense_weight(mod), full, config.init, stats.get(name),
-                             config.asvd_alpha)
-        sigma[name] = U.square().sum(0).cpu()  # ‖U[:, i]‖² = σ_i (√σ split, orthonormal P)
+        sigma[name] = init_svd(dense_weight(mod), config.init, stats.get(name),
+                               config.asvd_alpha).spectrum().cpu()
     ranks = allocate_ranks(sigma, infos, config)
     for name, mod in targets.items():
         info = infos[name]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..nn.init import init_decomposition, lowrank_factors
+from ..nn.init import InitSVD, init_decomposition
 from ..nn.masked_lowrank_linear import MaskedLowRankLinear
 from .allocation import DENSE, plan_ranks, start_rank
 from .budget import min_feasible_params
@@ -32,6 +32,18 @@ from .targets import (
 CONFIG_ATTR = "tunecomp_config"
 
 
+def init_svd(weight: torch.Tensor, init: str, stats: ActivationStats | None = None,
+             asvd_alpha: float = 0.5) -> InitSVD:
+    """The SVD ``init`` truncates for ``weight [out, in]``, with ``stats``' statistics
+    (:func:`~tunecomp_kernels.nn.init.init_decomposition`): its spectrum and its factors
+    at any rank."""
+    return init_decomposition(
+        weight, init,
+        input_abs_mean=None if stats is None or init != "asvd" else stats.abs_mean,
+        gram=None if stats is None else stats.gram, asvd_alpha=asvd_alpha,
+    )
+
+
 def factor_weight(
     weight: torch.Tensor,
     rank: int,
@@ -40,12 +52,8 @@ def factor_weight(
     asvd_alpha: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``U [out, rank]``, ``V [rank, in]`` (float64) with ``U·V ≈ weight [out, in]``
-    (:func:`~tunecomp_kernels.nn.init.lowrank_factors` with ``stats``' statistics)."""
-    return lowrank_factors(
-        weight, rank, init,
-        input_abs_mean=None if stats is None or init != "asvd" else stats.abs_mean,
-        gram=None if stats is None else stats.gram, asvd_alpha=asvd_alpha,
-    )
+    (:func:`init_svd` truncated to ``rank``)."""
+    return init_svd(weight, init, stats, asvd_alpha).factors(rank)
 
 
 def build_lowrank(
@@ -192,12 +200,8 @@ def planned_ranks(targets: dict[str, nn.Module], infos: dict[str, TargetInfo],
     rule = "global" if config.allocation == "adaptive" else config.allocation
     spectra, factors = [], {}
     for name, mod in targets.items():
-        st = stats.get(name)
         weight = dense_weight(mod)
-        svd = init_decomposition(
-            weight, config.init,
-            input_abs_mean=None if st is None or config.init != "asvd" else st.abs_mean,
-            gram=None if st is None else st.gram, asvd_alpha=config.asvd_alpha)
+        svd = init_svd(weight, config.init, stats.get(name), config.asvd_alpha)
         spectra.append(svd.spectrum())
         if factor_ranks and name in factor_ranks:
             U, V = svd.factors(factor_ranks[name])

@@ -21,7 +21,7 @@ implementation says so too).
 ``t = x·Vᵀ`` is returned so backward does not recompute it; it is marked
 non-differentiable and never leaves :func:`tunecomp_kernels.masked_lowrank_linear`. An
 op pair whose backward needs none of t returns it with no rows and says so at
-registration (``saved_rows``, for the fake): the torch backend's weight-path pair
+registration (``saves_t=False``, for the fake): the torch backend's weight-path pair
 (:mod:`tunecomp_kernels.ops.reference`).
 The public function calls exactly one of these ops, so an uncompiled call
 crosses one op boundary and ``torch.compile`` sees one node per call.
@@ -63,20 +63,12 @@ def scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-SavedRows = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], int]
-
-
-def _all_rows(x: torch.Tensor, U: torch.Tensor, V: torch.Tensor,
-              teacher_weight: torch.Tensor | None) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
-
-
-def _make_fake_forward(saved_rows: SavedRows):
+def _make_fake_forward(saves_t: bool):
     def fake_forward(x, U, mask, V, bias, teacher_weight, teacher_bias, teacher_scale,
                      student_scale):
+        n = x.numel() // x.shape[-1] if saves_t and x.shape[-1] != 0 else 0
         y = x.new_empty((*x.shape[:-1], U.shape[0]))
-        t = x.new_empty((saved_rows(x, U, V, teacher_weight), V.shape[0]),
-                        dtype=intermediate_dtype(x.dtype))
+        t = x.new_empty((n, V.shape[0]), dtype=intermediate_dtype(x.dtype))
         return y, t
 
     return fake_forward
@@ -109,14 +101,14 @@ def register_backend_ops(
     backward_impl: BackwardImpl,
     *,
     make_op: Callable[..., object] = torch.library.custom_op,
-    saved_rows: SavedRows = _all_rows,
+    saves_t: bool = True,
 ) -> BackendOps:
     """Register a backend's forward/backward implementations as ``torch.library`` ops.
 
     ``make_op`` is ``torch.library.custom_op`` for opaque kernels, or
     ``torch.library.triton_op`` so that ``torch.compile`` can trace into Triton kernels.
-    ``saved_rows(x, U, V, teacher_weight)``: the rows of the t the forward returns (default:
-    all of x's rows), for the fake implementation of a ``custom_op``.
+    ``saves_t=False``: the forward returns t with no rows (its backward needs none), as
+    the fake implementation of a ``custom_op`` then says.
     """
     fwd_name = f"{NAMESPACE}::masked_lowrank_{name}"
     bwd_name = f"{fwd_name}_backward"
@@ -137,7 +129,7 @@ def register_backend_ops(
         bwd = make_op(bwd_name, backward_impl, mutates_args=(), schema=BACKWARD_SCHEMA)
     # triton_op derives its own fake implementation by tracing; custom_op needs one.
     if make_op is torch.library.custom_op:
-        fwd.register_fake(_make_fake_forward(saved_rows))
+        fwd.register_fake(_make_fake_forward(saves_t))
         bwd.register_fake(_fake_backward)
     bwd_packet = getattr(torch.ops.tunecomp, bwd_name.split("::")[1])
 

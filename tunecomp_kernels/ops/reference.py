@@ -143,12 +143,11 @@ def forward(
         raise ValueError("the weight path needs a teacher_weight (it folds the student "
                          "into it); call the torch op without a teacher instead")
     x2 = _acc(x.reshape(-1, x.shape[-1]))
-    skip_t = weight_path
-    t = x2.new_empty((0, V.shape[0])) if skip_t else x2 @ _acc(V).t()
+    t = x2.new_empty((0, V.shape[0])) if weight_path else x2 @ _acc(V).t()
     s = _scale(student_scale)
     # Scale U's columns (out×r) rather than t (N×r): same product, less memory traffic.
     U_scaled = _acc(U) * (_acc(mask) * s)
-    if skip_t or _folds(teacher_weight, x2.dtype, x2.shape[0], x2.shape[1]):
+    if weight_path or _folds(teacher_weight, x2.dtype, x2.shape[0], x2.shape[1]):
         a = _scale(teacher_scale)
         w = _blend_weight(teacher_weight, a, U_scaled, _acc(V))
         b = None if teacher_bias is None else _acc(teacher_bias) * a

@@ -12,11 +12,6 @@ OPS = register_backend_ops("torch", reference.forward, reference.backward)
 #: name of the weight-path op pair (``torch.ops.tunecomp.masked_lowrank_<name>``)
 WEIGHT_PATH = "torch_weight_path"
 
-
-def _no_rows(*_inputs: object) -> int:
-    return 0
-
-
 # The schema is given explicitly, so the partial's extra keyword never reaches the op.
 WEIGHT_PATH_OPS = register_backend_ops(WEIGHT_PATH, partial(reference.forward, weight_path=True),
-                                       reference.backward, saved_rows=_no_rows)
+                                       reference.backward, saves_t=False)
